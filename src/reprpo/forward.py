@@ -1,0 +1,93 @@
+"""The forward path: one pass over [chosen; rejected], log-probs at response positions only.
+
+Shapes: b pairs, r = 2b rows, t tokens, d hidden, v vocab, n selected response tokens.
+Only this module (and, later, activation capture) knows how a causal LM is laid out.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from reprpo.data.tokenize import PairBatch
+
+
+@dataclass
+class SeqLogps:
+    """Per-row sums of response-token log-probs; rows [0, b) chosen, [b, 2b) rejected."""
+
+    logp_sum: torch.Tensor  # (2b,)
+    n_tokens: torch.Tensor  # (2b,)
+
+    @property
+    def logp_mean(self) -> torch.Tensor:
+        return self.logp_sum / self.n_tokens.clamp(min=1)
+
+    def chosen_rejected(self, *, mean: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.logp_mean if mean else self.logp_sum
+        b = x.shape[0] // 2
+        return x[:b], x[b:]
+
+
+def base_model(model):
+    """The transformers CausalLM inside a PEFT / accelerate wrapper (LoRA layers stay injected)."""
+    m = model
+    while hasattr(m, "module") and not hasattr(m, "get_decoder"):  # DDP
+        m = m.module
+    if hasattr(m, "get_base_model"):  # PeftModel
+        m = m.get_base_model()
+    return m
+
+
+def decoder_and_head(model):
+    """(decoder returning the final-normed hidden states, output head)."""
+    lm = base_model(model)
+    return lm.get_decoder(), lm.get_output_embeddings()
+
+
+def token_logps(head, h: torch.Tensor, targets: torch.Tensor, *, chunk: int = 2048, softcap: float | None = None) -> torch.Tensor:
+    """log softmax(head(h))[targets], computed `chunk` rows at a time (bounded logits memory).
+
+    h: (n, d), targets: (n,) -> (n,) in float32."""
+    out = []
+    for i in range(0, h.shape[0], chunk):
+        logits = head(h[i : i + chunk]).float()  # (c, v)
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        tgt = targets[i : i + chunk]
+        out.append(logits.gather(1, tgt[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1))
+    if not out:
+        return h.new_zeros(0, dtype=torch.float32)
+    return torch.cat(out)
+
+
+def sequence_logps(model, batch: PairBatch, *, chunk: int = 2048) -> SeqLogps:
+    """ℓ(y|x) = Σ_{t∈response} log π(y_t | x, y_<t) for every row of the batch.
+
+    Runs the decoder once over all 2b rows and applies the output head only at the positions
+    that predict a response token (position t-1 predicts token t)."""
+    decoder, head = decoder_and_head(model)
+    hidden = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state  # (r, t, d)
+    sel = batch.response_mask[:, 1:].bool()  # (r, t-1): targets that are response tokens
+    h = hidden[:, :-1][sel]  # (n, d)
+    targets = batch.input_ids[:, 1:][sel]  # (n,)
+    row = sel.nonzero()[:, 0]  # (n,)
+    softcap = getattr(base_model(model).config, "final_logit_softcapping", None)
+    lp = token_logps(head, h, targets, chunk=chunk, softcap=softcap)  # (n,)
+    logp_sum = torch.zeros(sel.shape[0], dtype=lp.dtype, device=lp.device).index_add(0, row, lp)
+    return SeqLogps(logp_sum=logp_sum, n_tokens=sel.sum(1))
+
+
+@contextmanager
+def adapter_disabled(model):
+    """Run the base model: the PEFT adapter is off inside the block, back on after (also on error)."""
+    peft = model
+    while hasattr(peft, "module") and not hasattr(peft, "disable_adapter"):
+        peft = peft.module
+    if not hasattr(peft, "disable_adapter"):  # a plain model has no adapter to disable
+        yield
+        return
+    with peft.disable_adapter():
+        yield

