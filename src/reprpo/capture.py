@@ -1,0 +1,165 @@
+"""Activation capture: residual stream (`hs`) and side channels (`side`) at chosen layers.
+
+Shapes: r = 2b rows ([chosen; rejected]), t tokens, d width of the captured tensor.
+`hs` captures block outputs H^ℓ (= HF `hidden_states[ℓ+1]` for all but the last block, where HF
+applies the final norm; we read the hook output, so never the final norm). `side` captures the
+input or output of submodules matched by name *inside the selected blocks only* (differs: the
+earlier reprpo code collected every layer whatever the spec).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from reprpo.errors import ConfigError
+from reprpo.forward import base_model
+
+
+def decoder_layers(model) -> nn.ModuleList:
+    """The decoder blocks of a (PEFT-wrapped) causal LM."""
+    dec = base_model(model).get_decoder()
+    layers = getattr(dec, "layers", None)
+    if isinstance(layers, nn.ModuleList):
+        return layers
+    n = base_model(model).config.num_hidden_layers
+    for m in dec.modules():
+        if isinstance(m, nn.ModuleList) and len(m) == n:
+            return m
+    raise ConfigError(f"cannot find the decoder blocks of {type(base_model(model)).__name__}")
+
+
+def _index(x: str, n: int) -> int:
+    """One layer index: int (negative from the end) or a fraction of depth in (0, 1)."""
+    v = float(x)
+    if "." in x or "e" in x.lower():
+        if not 0.0 <= v <= 1.0:
+            raise ValueError(f"fraction {x} outside [0, 1]")
+        return min(n - 1, int(v * n))  # 0.5 of 30 blocks = block 15; 1.0 = the last block
+    i = int(v)
+    return i + n if i < 0 else i
+
+
+def parse_layers(spec: str, n_layers: int) -> list[int]:
+    """Layer spec -> sorted block indices (DESIGN §3).
+
+    `"10"`, `"-2"`, `"0.5"` (fraction of depth; differs: earlier code read 1.0 as block 1),
+    `"0.25,0.5,0.75"`, `"range(0.3, 0.9, 2)"` / `"range(10, 20, 3)"` (start, stop, step)."""
+    spec = str(spec).strip()
+    out: list[int] = []
+    try:
+        for m in re.finditer(r"range\(([^)]*)\)|([^,\s]+)", spec):
+            if m.group(1) is not None:
+                args = [a.strip() for a in m.group(1).split(",")]
+                if not 2 <= len(args) <= 3:
+                    raise ValueError("range takes start, stop[, step]")
+                a = _index(args[0], n_layers)
+                b = float(args[1])
+                b = int(b * n_layers) if "." in args[1] else int(b) + (n_layers if b < 0 else 0)  # exclusive stop
+                step = int(args[2]) if len(args) == 3 else 1
+                out += list(range(a, b, step))
+            else:
+                out.append(_index(m.group(2), n_layers))
+    except ValueError as e:
+        raise ConfigError(f"repr.layers {spec!r}: {e}. Use ints (negative from the end), fractions like 0.5, or range(a, b, step).") from e
+    bad = [i for i in out if not 0 <= i < n_layers]
+    if not out or bad:
+        raise ConfigError(f"repr.layers {spec!r} gives {out or 'no layers'}; the model has blocks 0..{n_layers - 1}.")
+    return sorted(set(out))
+
+
+@dataclass(frozen=True)
+class CapturePoint:
+    key: str  # "hs.12" or "side.12.mlp.down_proj.input"
+    layer_idx: int
+    module: nn.Module
+    what: str  # "output" | "input"
+
+
+def capture_points(model, *, collection: str, layers: list[int], modules: str = "") -> list[CapturePoint]:
+    """Hook targets for a collection at the given blocks.
+
+    side: `modules` is a comma list of `PATTERN:input|output` (regex on the module path inside
+    the block, e.g. `mlp.down_proj:input,self_attn.o_proj:input`)."""
+    blocks = decoder_layers(model)
+    if collection == "hs":
+        return [CapturePoint(f"hs.{i}", i, blocks[i], "output") for i in layers]
+    if collection != "side":
+        raise ConfigError(f"repr.collection must be hs or side, got {collection!r}.")
+    pats = []
+    for item in filter(None, (s.strip() for s in modules.split(","))):
+        pat, _, what = item.partition(":")
+        what = what or "output"
+        if what not in ("input", "output"):
+            raise ConfigError(f"repr.modules item {item!r}: suffix must be :input or :output.")
+        pats.append((re.compile(rf"(?:.*\.)?(?:{pat})"), what))  # matches a path suffix
+    if not pats:
+        raise ConfigError("repr.modules is empty: side channels need e.g. `mlp.down_proj:input`.")
+    points = []
+    for i in layers:
+        for name, mod in blocks[i].named_modules():
+            # match the adapted module itself, not PEFT's inner base_layer / lora_A / lora_B
+            if not name or any(s in name.split(".") for s in ("base_layer", "lora_A", "lora_B", "lora_dropout", "lora_embedding_A", "lora_embedding_B")):
+                continue
+            for pat, what in pats:
+                if pat.fullmatch(name):
+                    points.append(CapturePoint(f"side.{i}.{name}.{what}", i, mod, what))
+    if not points:
+        raise ConfigError(f"repr.modules {modules!r} matches no submodule of blocks {layers}.")
+    return points
+
+
+@contextmanager
+def capture(points: list[CapturePoint]) -> Iterator[dict[str, torch.Tensor]]:
+    """Collect each point's tensor (r, t, d) into the yielded dict during forwards inside the block.
+
+    Keeps the graph (call under no_grad for the reference). Hooks are removed on exit, also on
+    exceptions."""
+    store: dict[str, torch.Tensor] = {}
+    handles = []
+
+    def make(p: CapturePoint):
+        if p.what == "output":
+            def hook(_m, _inp, out):
+                store[p.key] = out[0] if isinstance(out, tuple) else out
+            return p.module.register_forward_hook(hook)
+
+        def pre(_m, args, kwargs):
+            store[p.key] = args[0] if args else next(iter(kwargs.values()))
+        return p.module.register_forward_pre_hook(pre, with_kwargs=True)
+
+    try:
+        for p in points:
+            handles.append(make(p))
+        yield store
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def pool(h: torch.Tensor, *, response_mask: torch.Tensor, attention_mask: torch.Tensor, mode: str = "mean", outlier_quantile: float = 0.0) -> torch.Tensor:
+    """(r, t, d) -> (r, d).
+
+    mean: h̄ = Σ_t m_t H_t / Σ_t m_t over response tokens (default); last: the last response
+    token; all: mean over every non-padding token. outlier_quantile q > 0 drops tokens whose
+    norm exceeds the q-quantile of norms, the quantile computed over valid tokens only."""
+    if mode == "last":
+        t = h.shape[1]
+        pos = torch.arange(t, device=h.device)
+        last = (response_mask * pos).argmax(1)  # (r,)
+        return h[torch.arange(h.shape[0], device=h.device), last]
+    m = (response_mask if mode == "mean" else attention_mask).to(h.dtype)  # (r, t)
+    if mode not in ("mean", "all"):
+        raise ConfigError(f"repr.pooling must be mean, last or all, got {mode!r}.")
+    if outlier_quantile:
+        norms = h.detach().float().norm(dim=-1)  # (r, t)
+        valid = norms[m > 0]
+        if valid.numel():
+            thr = torch.quantile(valid, outlier_quantile)
+            m = m * (norms <= thr).to(m.dtype)
+    return (h * m[..., None]).sum(1) / m.sum(1, keepdim=True).clamp(min=1)
