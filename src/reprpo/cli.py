@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 from pathlib import Path
 
 from reprpo.config import (
@@ -21,10 +22,17 @@ from reprpo.errors import ReprpoError
 
 
 def build_config(args, *, base: RunConfig | None = None) -> RunConfig:
+    """Defaults < the method preset's defaults < YAML file < command-line options."""
+    from reprpo.methods import preset_overrides
+
     cfg = base or RunConfig()
-    if getattr(args, "config", None):
-        apply_overrides(cfg, load_yaml(args.config), where=str(args.config))
+    yaml_values = load_yaml(args.config) if getattr(args, "config", None) else {}
     over = overrides_from_args(args)
+    if base is None:
+        method = getattr(args, "method", None) or over.get("train.method") or yaml_values.get("train", {}).get("method") or cfg.train.method
+        apply_overrides(cfg, preset_overrides(str(method)), where=f"preset {method}")
+    if yaml_values:
+        apply_overrides(cfg, yaml_values, where=str(args.config))
     if getattr(args, "out", None):
         over["out"] = args.out
     if getattr(args, "method", None):
@@ -95,8 +103,14 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="reprpo", description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train an adapter (then evaluate it on the eval splits)", description="Train a LoRA adapter from preference pairs; by default then evaluates base vs adapter on train/test/oos/rnd.")
-    t.add_argument("method", nargs="?", default=None, help="method / preset name (default: dpo)")
+    from reprpo.methods import GRAD_METHODS, OUTPUT_METHODS, preset_names
+
+    presets = preset_names()
+    repr_presets = [n for n in presets if n not in OUTPUT_METHODS + GRAD_METHODS]
+    epilog = ("presets:\n  output-level: " + ", ".join(OUTPUT_METHODS) + "\n  gradient:     " + ", ".join(GRAD_METHODS)
+              + "\n  representation ({hs|side}-{transform}-{loss}):\n" + textwrap.fill(", ".join(repr_presets), 100, initial_indent="    ", subsequent_indent="    ", break_on_hyphens=False))
+    t = sub.add_parser("train", help="train an adapter (then evaluate it on the eval splits)", description="Train a LoRA adapter from preference pairs; by default then evaluates base vs adapter on train/test/oos/rnd.", epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
+    t.add_argument("method", nargs="?", default=None, help="method preset (default: dpo); listed below")
     t.add_argument("--config", help="YAML config file (sections model, data, lora, train, eval)")
     t.add_argument("--out", help="output directory (adapter, config.yaml, metrics.csv, tb/, eval/)")
     add_config_arguments(t)

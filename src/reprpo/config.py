@@ -57,7 +57,7 @@ class LoraConfig:
 
 @dataclass
 class TrainConfig:
-    method: str = F("dpo", "training method (preset name)")
+    method: str = F("dpo", "training method: a preset name (`reprpo train --help` lists them)")
     beta: float = F(0.1, "DPO temperature beta")
     lr: float = F(1e-4, "peak learning rate (AdamW)")
     weight_decay: float = F(0.0, "AdamW weight decay")
@@ -76,6 +76,39 @@ class TrainConfig:
 
 
 @dataclass
+class MethodConfig:
+    # output-level baselines (DESIGN §4)
+    cdpo_eps: float = F(0.1, "cdpo: label-noise rate epsilon")
+    simpo_gamma: float = F(1.0, "simpo: target margin gamma")
+    # representation methods: presets {hs|side}-{transform}-{loss} (DESIGN §5)
+    collection: str = F("hs", "where to read: hs (block outputs) | side (submodule inputs/outputs, see method.modules)")
+    transform: str = F("none", "how to look: none | pca | hra | ether | ortho | unembed_null | suppressed")
+    loss: str = F("prefvec", "what to ask: mse | prefvec | rank | innerdpo | innerpo")
+    layers: str = F("0.5", "blocks to read: ints (negative from the end), fractions of depth (0.5 = middle), comma lists, range(a, b, step)")
+    modules: str = F("mlp.down_proj:input,self_attn.o_proj:input", "side channels: comma list of MODULE_PATTERN:input|output inside each selected block")
+    pooling: str = F("mean", "pool tokens: mean (response tokens) | last (last response token) | all (every token)")
+    outlier_quantile: float = F(0.0, "drop tokens whose norm is above this quantile of valid tokens before pooling (0 = off)")
+    k: int = F(32, "frame dimension of pca / hra / ether / ortho (<= width)")
+    energy: float = F(0.9, "unembed_null: remove the top singular directions of lm_head holding this share of energy")
+    ether_block: int = F(8, "ether: Householder block size")
+    pca_pairs: int = F(256, "pca: reference pairs used to fit the frame")
+    dpo_weight: float = F(-1.0, "weight of the DPO term beside a representation loss (-1 = the loss's default: prefvec/innerdpo/innerpo 1, mse/rank 0)")
+    repr_weight: float = F(1.0, "weight of the representation term (alpha of innerdpo / innerpo)")
+    alpha: float = F(1.0, "mse / rank: weight of the keep-chosen-in-place term")
+    beta_h: float = F(1.0, "innerdpo / innerpo: temperature of the hidden-state term")
+    beta_p: float = F(1.0, "prefvec: temperature on progress p")
+    lambda_o: float = F(1.0, "prefvec: weight of sideways drift o")
+    lambda_c: float = F(0.0, "prefvec: weight of (1 - cosine)")
+    align: str = F("proj", "innerdpo: proj | proj_orth | log_proj")
+    rank_beta: float = F(1.0, "rank: temperature")
+    # gradient methods (DESIGN §5)
+    proj_beta: float = F(0.0, "projgrad / projbp: weight kept of the gradient orthogonal to the preference direction")
+    projbp_rectify: str = F("identity", "projbp: identity | leaky (keep only the descent component that separates chosen from rejected)")
+    projbp_leak: float = F(0.0, "projbp leaky: factor on the discarded sign")
+    projbp_renorm: bool = F(False, "projbp: rescale each token's rewritten gradient to its original norm")
+
+
+@dataclass
 class EvalConfig:
     batch_size: int = F(8, "pairs per scoring batch")
     after_train: bool = F(True, "`reprpo train` evaluates base vs adapter on the eval splits when done")
@@ -88,11 +121,12 @@ class RunConfig:
     data: DataConfig = F(factory=DataConfig, help="data")
     lora: LoraConfig = F(factory=LoraConfig, help="LoRA adapter")
     train: TrainConfig = F(factory=TrainConfig, help="training")
+    method: MethodConfig = F(factory=MethodConfig, help="method hyper-parameters")
     eval: EvalConfig = F(factory=EvalConfig, help="evaluation")
     out: str = F("", "output directory (default runs/<method>-<timestamp>)")
 
 
-SECTIONS = ("model", "data", "lora", "train", "eval")
+SECTIONS = ("model", "data", "lora", "train", "method", "eval")
 
 
 def _field_type(cls: type, name: str) -> Any:

@@ -18,8 +18,7 @@ from reprpo.config import RunConfig, save_yaml
 from reprpo.data.prepare import prepare
 from reprpo.data.tokenize import collate_pairs
 from reprpo.errors import ConfigError
-from reprpo.forward import adapter_disabled, sequence_logps
-from reprpo.losses import dpo_loss
+from reprpo.methods import build_method
 from reprpo.models import load_model_and_tokenizer
 from reprpo.shifts import data_sources
 
@@ -55,20 +54,13 @@ def make_scheduler(optimizer, *, schedule: str, warmup: int, total: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def compute_loss(model, batch, cfg: RunConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Policy pass (adapter on, with graph) + reference pass (adapter off, no graph) -> DPO."""
-    if cfg.train.method != "dpo":
-        raise ConfigError(f"train.method {cfg.train.method!r} is not available; known: dpo.")
-    pol = sequence_logps(model, batch)
-    with torch.no_grad(), adapter_disabled(model):
-        ref = sequence_logps(model, batch)
-    pc, pr = pol.chosen_rejected()
-    rc, rr = ref.chosen_rejected()
-    loss, metrics = dpo_loss(pc, pr, rc, rr, beta=cfg.train.beta)
-    pcm, prm = pol.chosen_rejected(mean=True)
-    metrics |= {"logps/chosen": pc.detach().mean(), "logps/rejected": pr.detach().mean(),
-                "logps/chosen_mean": pcm.detach().mean(), "logps/rejected_mean": prm.detach().mean()}
-    return loss.mean(), metrics
+def compute_loss(model, batch, cfg: RunConfig, method=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One micro-batch's loss and metrics for the configured method (policy + reference pass)."""
+    from reprpo.methods import build_method
+
+    method = method or build_method(cfg, model)
+    with method.step(model, batch):
+        return method.loss(model, batch)
 
 
 class MetricsLog:
@@ -123,6 +115,10 @@ def train(cfg: RunConfig) -> Path:
     set_seed(tc.seed)
     model = make_lora(model, cfg)
     model.train()
+    method = build_method(cfg, model)
+    method.prepare(model, data.tokenized, pad_id=tok.pad_token_id)  # e.g. fit pca, size frames
+    method.to(acc.device)
+    extra = [p for p in method.parameters() if p.requires_grad]  # learned frames (hra/ether/ortho)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     gen = torch.Generator().manual_seed(tc.seed)
@@ -132,7 +128,8 @@ def train(cfg: RunConfig) -> Path:
     )
     steps_per_epoch = max(1, len(loader) // tc.grad_accum)
     total = tc.max_steps or max(1, math.ceil(tc.epochs * steps_per_epoch))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=tc.lr, weight_decay=tc.weight_decay)
+    params = [p for p in model.parameters() if p.requires_grad] + extra
+    optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
     scheduler = make_scheduler(optimizer, schedule=tc.schedule, warmup=int(tc.warmup_ratio * total), total=total)
     model, optimizer, loader = acc.prepare(model, optimizer, loader)
 
@@ -146,12 +143,16 @@ def train(cfg: RunConfig) -> Path:
     while step < total:
         for batch in loader:
             with acc.accumulate(model):
-                loss, metrics = compute_loss(model, batch, cfg)
-                acc.backward(loss)
+                with method.step(model, batch):  # gradient methods hook forward + backward here
+                    loss, metrics = method.loss(model, batch)
+                    acc.backward(loss)
+                if extra and acc.num_processes > 1:  # frames live outside the DDP-wrapped model
+                    for p in extra:
+                        if p.grad is not None:
+                            p.grad = acc.reduce(p.grad, reduction="mean")
                 window.append({"loss": loss.detach(), **metrics})
                 micro += 1
                 if acc.sync_gradients:
-                    params = [p for p in model.parameters() if p.requires_grad]
                     if tc.max_grad_norm > 0:
                         gnorm = acc.clip_grad_norm_(params, tc.max_grad_norm)
                     else:
@@ -182,6 +183,8 @@ def train(cfg: RunConfig) -> Path:
         log.close()
         acc.unwrap_model(model).save_pretrained(out)
         tok.save_pretrained(out)
+        if len(method.state_dict()):
+            torch.save(method.state_dict(), out / "method_state.pt")  # frames / pca bases
         report = {
             "steps": step, "pairs_seen": micro * tc.batch_size, "trainable_params": n_trainable,
             "seconds": time.time() - t0, "data": {"source": train_src, "summary": data.summary(),

@@ -1,0 +1,257 @@
+"""Training methods: presets -> an object that computes the loss of one batch.
+
+Three kinds, one small class each (the loop treats them alike):
+- `OutputMethod`: dpo, ipo, cdpo, hinge, simpo — losses over response log-probs (DESIGN §4).
+- `ReprMethod`: {hs|side}-{transform}-{loss} — losses over captured, transformed, pooled
+  activations of policy vs reference, plus an optional DPO term (DESIGN §5).
+- `GradMethod`: projgrad, projbp — the DPO loss with the gradient rewritten (DESIGN §5).
+"""
+
+from __future__ import annotations
+
+import itertools
+from contextlib import contextmanager, nullcontext
+
+import torch
+from torch import nn
+
+from reprpo.capture import CapturePoint, capture, capture_points, decoder_layers, parse_layers, pool
+from reprpo.config import RunConfig
+from reprpo.data.tokenize import PairBatch, TokenizedPair, collate_pairs
+from reprpo.errors import ConfigError
+from reprpo.forward import adapter_disabled, base_model, sequence_logps
+from reprpo.losses import cdpo_loss, dpo_loss, hinge_loss, ipo_loss, simpo_loss
+
+OUTPUT_METHODS = ("dpo", "ipo", "cdpo", "hinge", "simpo")
+GRAD_METHODS = ("projgrad", "projbp")
+COLLECTIONS = ("hs", "side")
+TRANSFORM_NAMES = ("none", "pca", "hra", "ether", "ortho", "unembed_null", "suppressed")
+HS_ONLY_TRANSFORMS = ("unembed_null", "suppressed")  # defined on the residual stream only
+LOSS_NAMES = ("mse", "prefvec", "rank", "innerdpo", "innerpo")
+# defaults a preset brings (applied before YAML and CLI, so both can override them)
+PRESET_DEFAULTS: dict[str, dict[str, object]] = {"simpo": {"train.beta": 2.0}}
+
+
+def preset_names() -> list[str]:
+    repr_names = [f"{c}-{t}-{lo}" for c, t, lo in itertools.product(COLLECTIONS, TRANSFORM_NAMES, LOSS_NAMES)
+                  if not (c == "side" and t in HS_ONLY_TRANSFORMS)]
+    return [*OUTPUT_METHODS, *GRAD_METHODS, *repr_names]
+
+
+def preset_overrides(name: str) -> dict[str, object]:
+    """Config values a preset name implies (e.g. hs-pca-prefvec -> collection/transform/loss)."""
+    if name in OUTPUT_METHODS or name in GRAD_METHODS:
+        return dict(PRESET_DEFAULTS.get(name, {}))
+    parts = name.split("-")
+    if name in preset_names():
+        return {"method.collection": parts[0], "method.transform": parts[1], "method.loss": parts[2]}
+    raise ConfigError(
+        f"unknown method {name!r}. Presets: {', '.join([*OUTPUT_METHODS, *GRAD_METHODS])}, and "
+        f"{{{'|'.join(COLLECTIONS)}}}-{{{'|'.join(TRANSFORM_NAMES)}}}-{{{'|'.join(LOSS_NAMES)}}}."
+    )
+
+
+def _logp_metrics(pol) -> dict[str, torch.Tensor]:
+    pc, pr = pol.chosen_rejected()
+    pcm, prm = pol.chosen_rejected(mean=True)
+    return {"logps/chosen": pc.detach().mean(), "logps/rejected": pr.detach().mean(),
+            "logps/chosen_mean": pcm.detach().mean(), "logps/rejected_mean": prm.detach().mean()}
+
+
+class OutputMethod(nn.Module):
+    """dpo / ipo / cdpo / hinge / simpo over response log-probs."""
+
+    def __init__(self, cfg: RunConfig):
+        super().__init__()
+        self.name, self.beta, self.mc = cfg.train.method, cfg.train.beta, cfg.method
+
+    def prepare(self, model, data: list[TokenizedPair], *, pad_id: int) -> None:
+        pass
+
+    def step(self, model, batch: PairBatch):
+        return nullcontext()
+
+    def loss(self, model, batch: PairBatch, *, ref=None):
+        pol = sequence_logps(model, batch)
+        if self.name == "simpo":  # reference-free
+            pcm, prm = pol.chosen_rejected(mean=True)
+            loss, m = simpo_loss(pcm, prm, beta=self.beta, gamma=self.mc.simpo_gamma)
+            return loss.mean(), m | _logp_metrics(pol)
+        if ref is None:
+            with torch.no_grad(), adapter_disabled(model):
+                ref = sequence_logps(model, batch)
+        if self.name == "ipo":
+            loss, m = ipo_loss(*pol.chosen_rejected(mean=True), *ref.chosen_rejected(mean=True), beta=self.beta)
+        elif self.name == "cdpo":
+            loss, m = cdpo_loss(*pol.chosen_rejected(), *ref.chosen_rejected(), beta=self.beta, eps=self.mc.cdpo_eps)
+        elif self.name == "hinge":
+            loss, m = hinge_loss(*pol.chosen_rejected(), *ref.chosen_rejected(), beta=self.beta)
+        else:
+            loss, m = dpo_loss(*pol.chosen_rejected(), *ref.chosen_rejected(), beta=self.beta)
+        return loss.mean(), m | _logp_metrics(pol)
+
+
+class GradMethod(OutputMethod):
+    """projgrad / projbp: DPO whose gradient is projected on the reference preference direction."""
+
+    def __init__(self, cfg: RunConfig):
+        super().__init__(cfg)
+        self._ref = None
+
+    @contextmanager
+    def step(self, model, batch: PairBatch):
+        from reprpo.gradproj import projbp, projgrad, reference_directions
+
+        dirs, self._ref = reference_directions(model, batch)  # one reference pass: u_b and ℓ_ref
+        mc = self.mc
+        ctx = (projgrad(model, dirs, beta=mc.proj_beta) if self.name == "projgrad" else
+               projbp(model, dirs, beta=mc.proj_beta, rectify=mc.projbp_rectify, leak=mc.projbp_leak, renorm=mc.projbp_renorm))
+        try:
+            with ctx:
+                yield
+        finally:
+            self._ref = None
+
+    def loss(self, model, batch: PairBatch, *, ref=None):
+        pol = sequence_logps(model, batch)
+        loss, m = dpo_loss(*pol.chosen_rejected(), *self._ref.chosen_rejected(), beta=self.beta)
+        return loss.mean(), m | _logp_metrics(pol)
+
+
+class ReprMethod(nn.Module):
+    """Representation preference optimisation: L = w_dpo·DPO + w_repr·loss(T(acts))."""
+
+    def __init__(self, cfg: RunConfig, model):
+        super().__init__()
+        from reprpo.repr_losses import REPR_LOSSES
+
+        mc = self.mc = cfg.method
+        self.beta = cfg.train.beta
+        if mc.loss not in REPR_LOSSES:
+            raise ConfigError(f"method.loss must be one of {', '.join(REPR_LOSSES)}, got {mc.loss!r}.")
+        if mc.transform not in TRANSFORM_NAMES:
+            raise ConfigError(f"method.transform must be one of {', '.join(TRANSFORM_NAMES)}, got {mc.transform!r}.")
+        self.spec = REPR_LOSSES[mc.loss]
+        self.dpo_weight = self.spec.dpo_weight if mc.dpo_weight < 0 else mc.dpo_weight
+        if self.spec.dpo_required and self.dpo_weight <= 0:
+            raise ConfigError(f"method.loss {mc.loss} is defined with its DPO term: method.dpo_weight must be > 0.")
+        self.seed = cfg.train.seed
+        self.layers = parse_layers(mc.layers, len(decoder_layers(model)))
+        self.points = capture_points(model, collection=mc.collection, layers=self.layers, modules=mc.modules)
+        if mc.transform == "suppressed":
+            if mc.collection != "hs":
+                raise ConfigError("method.transform suppressed reads what a block removed from the residual stream: use collection hs.")
+            # H^{ℓ-1} is the input of block ℓ (the embeddings for block 0)
+            blocks = decoder_layers(model)
+            self.prev_points = [CapturePoint(f"prev.{i}", i, blocks[i], "input") for i in self.layers]
+        else:
+            self.prev_points = []
+        if mc.transform == "unembed_null" and mc.collection != "hs":
+            raise ConfigError("method.transform unembed_null lives in the residual stream (lm_head's input space): use collection hs.")
+        field_of = {"beta": "rank_beta"}  # loss kwarg -> config field, where the names differ
+        self.loss_kwargs = {}
+        for arg, default in self.spec.defaults.items():  # config value where there is a field
+            self.loss_kwargs[arg] = getattr(mc, field_of.get(arg, arg), default)
+        self.transforms = nn.ModuleDict()  # point key (dots -> _) -> Transform; built in prepare()
+
+    # -- setup -------------------------------------------------------------------------------
+    def _acts(self, model, batch: PairBatch, *, logps: bool):
+        """One forward with capture; returns ({key: (r, t, d)}, SeqLogps | None)."""
+        with capture(self.points + self.prev_points) as store:
+            if logps:
+                lp = sequence_logps(model, batch)
+            else:
+                decoder = base_model(model).get_decoder()
+                decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+                lp = None
+        return dict(store), lp
+
+    def _pooled(self, key: str, h: torch.Tensor, batch: PairBatch, store) -> torch.Tensor:
+        """T per token, the loss's token function, then pooling: (r, t, d) -> (r, k)."""
+        t = self.transforms[key.replace(".", "_")]
+        if getattr(t, "needs_prev", False):
+            z = t(h, h_prev=store[f"prev.{key.split('.')[1]}"])
+        else:
+            z = t(h)
+        if self.spec.token_fn is not None:
+            z = self.spec.token_fn(z)
+        return pool(z, response_mask=batch.response_mask, attention_mask=batch.attention_mask,
+                    mode=self.mc.pooling, outlier_quantile=self.mc.outlier_quantile)
+
+    @torch.no_grad()
+    def prepare(self, model, data: list[TokenizedPair], *, pad_id: int, batch_size: int = 8) -> None:
+        """Build each point's transform (its width is read off a reference pass); fit pca on
+        the reference preference directions δ_ref of up to `method.pca_pairs` training pairs."""
+        from reprpo.transforms import build_transform
+
+        mc = self.mc
+        fit = mc.transform == "pca"
+        n = min(len(data), mc.pca_pairs) if fit else min(len(data), 1)
+        if fit and n < mc.k:
+            raise ConfigError(f"method.transform pca fits a rank-{mc.k} frame (method.k) on {n} training pairs: "
+                              f"lower method.k or use more pairs (data.n_train, method.pca_pairs).")
+        deltas: dict[str, list[torch.Tensor]] = {p.key: [] for p in self.points}
+        device = next(model.parameters()).device
+        for s in range(0, n, batch_size):
+            batch = collate_pairs(data[s : min(n, s + batch_size)], pad_id=pad_id).to(device)
+            with adapter_disabled(model):
+                store, _ = self._acts(model, batch, logps=False)
+            for p in self.points:
+                h = store[p.key]
+                if s == 0:
+                    lm = base_model(model).get_output_embeddings().weight if mc.transform == "unembed_null" else None
+                    k = mc.k if mc.transform in ("pca", "hra", "ether", "ortho") else None
+                    self.transforms[p.key.replace(".", "_")] = build_transform(
+                        mc.transform, d=h.shape[-1], k=k, lm_head_weight=lm, energy=mc.energy,
+                        seed=self.seed, block_size=mc.ether_block,
+                    ).to(device)
+                if fit:
+                    hp = pool(h.float(), response_mask=batch.response_mask, attention_mask=batch.attention_mask, mode=mc.pooling)
+                    b = hp.shape[0] // 2
+                    deltas[p.key].append(hp[:b] - hp[b:])
+        if fit:
+            for p in self.points:
+                self.transforms[p.key.replace(".", "_")].fit(torch.cat(deltas[p.key]))
+
+    def step(self, model, batch: PairBatch):
+        return nullcontext()
+
+    # -- loss --------------------------------------------------------------------------------
+    def loss(self, model, batch: PairBatch, *, ref=None):
+        from reprpo.repr_losses import PooledActs
+
+        # log-probs ride along both passes (head at response tokens only): the DPO term needs
+        # them, and every method logs the same implicit-reward columns
+        pol_store, pol = self._acts(model, batch, logps=True)
+        with torch.no_grad(), adapter_disabled(model):
+            ref_store, ref_lp = self._acts(model, batch, logps=ref is None)
+        ref_lp = ref if ref is not None else ref_lp
+        acts = []
+        for p in self.points:
+            hp = self._pooled(p.key, pol_store[p.key], batch, pol_store)  # (r, k)
+            with torch.no_grad():
+                hr = self._pooled(p.key, ref_store[p.key], batch, ref_store)
+            b = hp.shape[0] // 2
+            acts.append(PooledActs(hp[:b], hp[b:], hr[:b], hr[b:]))
+        term, metrics = self.spec.fn(acts, **self.loss_kwargs)  # (b,)
+        total = self.mc.repr_weight * term
+        metrics = dict(metrics) | {"loss/repr": term.detach().mean()}
+        d, dm = dpo_loss(*pol.chosen_rejected(), *ref_lp.chosen_rejected(), beta=self.beta)
+        metrics |= dm | {"loss/dpo": d.detach().mean()}
+        if self.dpo_weight > 0:
+            total = total + self.dpo_weight * d
+        return total.mean(), metrics | _logp_metrics(pol)
+
+
+def build_method(cfg: RunConfig, model) -> nn.Module:
+    """The method object for `cfg.train.method`; a representation preset's name fixes its
+    collection / transform / loss fields (written back, so the saved config says them)."""
+    name = cfg.train.method
+    for key, value in preset_overrides(name).items():
+        if key.startswith("method."):
+            setattr(cfg.method, key.split(".", 1)[1], value)
+    if name in GRAD_METHODS:
+        return GradMethod(cfg)
+    if name in OUTPUT_METHODS:
+        return OutputMethod(cfg)
+    return ReprMethod(cfg, model)
