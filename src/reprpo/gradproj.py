@@ -1,0 +1,288 @@
+"""Gradient methods: the loss stays DPO; the gradient is projected onto the reference preference direction.
+
+projgrad  ∇B ← Σ_b [u_b u_bᵀ + β(I − u_b u_bᵀ)] ∇B_b     on each LoRA-B weight gradient
+projbp    g ← s(⟨g,u_b⟩)u_b + β(g − ⟨g,u_b⟩u_b)       on each adapted module's output gradient
+u_b = normalise(pooled(out⁺_ref) − pooled(out⁻_ref)), one per pair and module (DESIGN §3, §5).
+
+Shapes: b pairs, r = 2b rows (rows [0, b) chosen, [b, 2b) rejected; a pair's two rows share
+u_b), t tokens, o = d_out of a module, k LoRA rank. Projections are computed in float32.
+
+Usage (the policy forward AND backward happen inside the context):
+    dirs, ref = reference_directions(model, batch)
+    with projgrad(model, dirs, beta=0.0):
+        pol = sequence_logps(model, batch); loss = dpo_loss(...)[0].mean(); loss.backward()
+
+(differs: the earlier code used sample 0's direction for the whole batch, projected LoRA-A in
+the wrong space and re-projected accumulated gradients. Here each pair's contribution is
+projected with its own u_b during its own backward, so gradient accumulation over micro-batches
+gives the large-batch gradient.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from reprpo.data.tokenize import PairBatch
+from reprpo.forward import SeqLogps, adapter_disabled, base_model, sequence_logps
+
+RECTIFY = ("identity", "leaky")
+
+
+def _active_adapter(name: str, m: nn.Module) -> str | None:
+    """The one active adapter of a LoRA layer that has a Linear lora_B, else None."""
+    active = [a for a in m.active_adapters if a in m.lora_B]
+    if not active:
+        return None
+    if len(active) > 1:
+        raise ValueError(f"{name}: {len(active)} active LoRA adapters {active}; projgrad/projbp support one.")
+    a = active[0]
+    if not isinstance(m.lora_B[a], nn.Linear):
+        return None  # conv / other LoRA layers: not a Linear's output space
+    if getattr(m, "merged", False):
+        raise ValueError(f"{name}: the LoRA adapter is merged into the base weights; unmerge it before training.")
+    if a in getattr(m, "lora_variant", {}):
+        raise ValueError(f"{name}: LoRA variant {type(m.lora_variant[a]).__name__} (e.g. DoRA) is not supported by projgrad/projbp.")
+    return a
+
+
+def lora_modules(model) -> dict[str, nn.Module]:
+    """name -> LoRA-wrapped Linear (`.base_layer`, `.lora_A[a]`, `.lora_B[a]` for the active adapter a).
+
+    Names are relative to the transformers model inside any PEFT / DDP wrapper, so the same
+    model gives the same keys wrapped or not."""
+    from peft.tuners.lora import LoraLayer
+
+    return {
+        n: m
+        for n, m in base_model(model).named_modules()
+        if isinstance(m, LoraLayer) and _active_adapter(n, m) is not None
+    }
+
+
+def _lora_B(name: str, m: nn.Module) -> nn.Linear:
+    return m.lora_B[_active_adapter(name, m)]
+
+
+@torch.no_grad()
+def reference_directions(model, batch: PairBatch) -> tuple[dict[str, Tensor], SeqLogps]:
+    """u_b = normalise(pooled(out⁺_ref) − pooled(out⁻_ref)) per LoRA module, (b, o) float32; + ℓ_ref.
+
+    One reference pass (adapter off): forward hooks capture each wrapped module's output (the
+    base layer's, d_out wide), mean-pooled over response tokens per row; the same pass returns
+    the reference log-probs, so DPO needs no second reference forward. A pair whose two responses
+    give identical pooled outputs has no direction: its u_b is 0 (F.normalize)."""
+    mods = lora_modules(model)
+    if not mods:
+        raise ValueError("the model has no LoRA-wrapped Linear modules: projgrad/projbp need a LoRA adapter (see train.make_lora).")
+    mask = batch.response_mask.float()  # (r, t)
+    pooled: dict[str, Tensor] = {}
+
+    def capture(name: str):
+        def hook(mod, args, out):
+            if name in pooled:
+                raise RuntimeError(f"{name} ran twice in one forward; reference directions assume one call per module.")
+            y = out.float()  # (r, t, o)
+            m = mask.to(y.device)[..., None]  # (r, t, 1)
+            pooled[name] = (y * m).sum(1) / m.sum(1).clamp(min=1)  # (r, o)
+
+        return hook
+
+    handles = []
+    try:
+        with adapter_disabled(model):
+            for n, mod in mods.items():
+                handles.append(mod.register_forward_hook(capture(n)))
+            ref = sequence_logps(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+    b = batch.n_pairs
+    dirs = {}
+    for n in mods:
+        if n not in pooled:
+            raise RuntimeError(f"{n} was not called in the reference forward; cannot compute its direction.")
+        p = pooled[n]  # (r, o)
+        dirs[n] = F.normalize(p[:b] - p[b:], dim=-1)  # (b, o)
+    return dirs, ref
+
+
+def _checked_modules(model, dirs: dict[str, Tensor]) -> dict[str, nn.Module]:
+    mods = lora_modules(model)
+    if set(mods) != set(dirs):
+        missing, extra = sorted(set(mods) - set(dirs)), sorted(set(dirs) - set(mods))
+        raise ValueError(
+            f"directions do not match the model's LoRA modules (missing {missing[:3]}, unexpected {extra[:3]}); "
+            "compute them with reference_directions(model, batch) on this model."
+        )
+    return mods
+
+
+def _rows_u(u: Tensor, rows: int, name: str) -> Tensor:
+    """(b, o) -> (r, o): row i and row b + i both use u_i."""
+    if rows != 2 * u.shape[0]:
+        raise RuntimeError(
+            f"{name}: directions are for {u.shape[0]} pairs but the forward has {rows} rows; "
+            "compute reference_directions on the same batch as the policy pass."
+        )
+    return torch.cat([u, u]).float()
+
+
+def projected_weight_grad(g: Tensor, a: Tensor, u: Tensor, *, beta: float) -> Tensor:
+    """∇B = Σ_b [u_b u_bᵀ G_b + β(I − u_b u_bᵀ) G_b],  G_b = Σ_{rows of pair b, t} g_t a_tᵀ
+    ours (DESIGN §5 projgrad), per pair; g (r, t, o) grad of lora_B's output, a (r, t, k) its input,
+    u (b, o) -> (o, k) float32.
+
+    Since u_bᵀ G_b = Σ_{rows, t} ⟨g_t, u_b⟩ a_tᵀ, no per-pair (o, k) matrix is formed."""
+    r, o, k = g.shape[0], g.shape[-1], a.shape[-1]
+    g, a = g.float().reshape(r, -1, o), a.float().reshape(r, -1, k)  # (r, t, o), (r, t, k)
+    uu = _rows_u(u.to(g.device), r, "projgrad")  # (r, o)
+    s = torch.einsum("rto,ro->rt", g, uu)  # ⟨g_t, u_b⟩
+    c = torch.einsum("rt,rtk->rk", s, a)  # u_bᵀ G_row
+    along = torch.einsum("ro,rk->ok", uu, c)  # Σ_b u_b u_bᵀ G_b
+    if beta == 0:
+        return along
+    full = torch.einsum("rto,rtk->ok", g, a)  # Σ_b G_b
+    return along + beta * (full - along)
+
+
+@contextmanager
+def projgrad(model, dirs: dict[str, Tensor], *, beta: float) -> Iterator[None]:
+    """∇B ← Σ_b [u_b u_bᵀ + β(I − u_b u_bᵀ)] ∇B_b on every LoRA-B weight; LoRA-A untouched.
+    ours (DESIGN §5 "projgrad"); β = 0 keeps only the preference directions, β = 1 is plain DPO.
+
+    LoRA-B's gradient (o × k) has its columns in the module's output space, where u_b lives, so
+    it is projected. LoRA-A's gradient (k × d_in) lives in the input space, where u_b means
+    nothing: it is left exactly as DPO's (differs: the earlier code projected A too).
+
+    Mechanism: a forward hook on each lora_B Linear keeps its input a and hooks its output;
+    when that output's gradient g arrives (always before lora_B.weight's gradient, which
+    autograd computes from it) the projected per-pair weight gradient is summed into a stash;
+    a hook on lora_B.weight then returns the stash in place of the raw gradient, and autograd
+    adds it to `.grad` as usual (so accumulation over micro-batches sums projected pieces).
+    The scaling α/r multiplies g already; it does not change directions."""
+    mods = _checked_modules(model, dirs)
+    stash: dict[str, Tensor] = {}  # name -> projected ∇B of the running backward
+    handles: list = []  # module and parameter hooks
+    grad_handles: list = []  # tensor hooks on lora_B outputs, one per forward call
+
+    def on_forward(name: str):
+        u = dirs[name]
+
+        def hook(lin, args, y):
+            if not (torch.is_grad_enabled() and y.requires_grad):
+                return
+            a = args[0].detach()  # (r, t, k)
+            _rows_u(u, y.shape[0], name)  # fail in the forward, not deep inside backward
+
+            def on_grad(g):  # g: (r, t, o), fires before lora_B.weight's gradient
+                w = projected_weight_grad(g, a, u, beta=beta)
+                stash[name] = stash[name] + w if name in stash else w
+
+            grad_handles.append(y.register_hook(on_grad))
+
+        return hook
+
+    def on_weight_grad(name: str):
+        def hook(grad):
+            if name not in stash:
+                raise RuntimeError(
+                    f"projgrad: {name}.lora_B got a gradient without its projection; "
+                    "run the policy forward inside the projgrad context."
+                )
+            return stash.pop(name).to(dtype=grad.dtype, device=grad.device)
+
+        return hook
+
+    try:
+        for name, mod in mods.items():
+            lin = _lora_B(name, mod)
+            if lin.bias is not None:
+                raise ValueError(f"{name}: lora_B has a bias (lora_bias=True); projgrad does not project it.")
+            handles.append(lin.register_forward_hook(on_forward(name)))
+            if lin.weight.requires_grad:
+                handles.append(lin.weight.register_hook(on_weight_grad(name)))
+        yield
+    finally:
+        for h in handles + grad_handles:
+            h.remove()
+        stash.clear()
+
+
+def rewrite_grad_output(
+    g: Tensor, u: Tensor, *, beta: float, rectify: str = "identity", leak: float = 0.0, renorm: bool = False
+) -> Tensor:
+    """g ← s(⟨g,u_b⟩)u_b + β(g − ⟨g,u_b⟩u_b) per row and token; g (r, t, o), u (b, o) -> (r, t, o).
+    ours (DESIGN §5 "projbp").
+
+    s = identity, or "leaky": descent moves activations by −g, so a chosen row's component is
+    kept when ⟨g,u⟩ < 0 (moves along +u), a rejected row's when ⟨g,u⟩ > 0 (moves along −u); the
+    other sign is multiplied by `leak`. renorm: rescale each token's new g to the old ‖g‖
+    (a token whose new g is 0 stays 0).
+
+    Worked, u = (1, 0), g = (2, 3), ⟨g,u⟩ = 2, β = 0.5:
+      identity: 2·(1, 0) + 0.5·((2, 3) − (2, 0)) = (2, 1.5)
+      leaky, leak 0.1, chosen row (⟨g,u⟩ > 0 is the wrong sign): 0.1·2·(1, 0) + (0, 1.5) = (0.2, 1.5)
+      leaky, rejected row (right sign): (2, 1.5)
+      renorm: (2, 1.5)·√13/2.5"""
+    if rectify not in RECTIFY:
+        raise ValueError(f"projbp rectify={rectify!r}; choose one of {RECTIFY}.")
+    r, b, o = g.shape[0], u.shape[0], g.shape[-1]
+    g32 = g.float().reshape(r, -1, o)  # (r, t, o)
+    uu = _rows_u(u.to(g.device), r, "projbp")[:, None, :]  # (r, 1, o)
+    s = (g32 * uu).sum(-1, keepdim=True)  # (r, t, 1) ⟨g, u_b⟩
+    s_new = s
+    if rectify == "leaky":
+        want = torch.cat([-torch.ones(b), torch.ones(b)]).to(g.device)[:, None, None]  # sign kept: chosen −, rejected +
+        s_new = torch.where(s * want > 0, s, leak * s)
+    new = s_new * uu + beta * (g32 - s * uu)  # (r, t, o)
+    if renorm:
+        new = new * (g32.norm(dim=-1, keepdim=True) / new.norm(dim=-1, keepdim=True).clamp(min=1e-30))
+    return new.reshape(g.shape).to(g.dtype)
+
+
+@contextmanager
+def projbp(
+    model,
+    dirs: dict[str, Tensor],
+    *,
+    beta: float,
+    rectify: str = "identity",
+    leak: float = 0.0,
+    renorm: bool = False,
+) -> Iterator[None]:
+    """g ← s(⟨g,u_b⟩)u_b + β(g − ⟨g,u_b⟩u_b) on the output gradient of every LoRA-wrapped module.
+    ours (DESIGN §5 "projbp"); see `rewrite_grad_output` for s, leak and renorm.
+
+    The rewritten g flows on into the module's own LoRA-A/B and into every module below it, so
+    (unlike projgrad) all upstream gradients change. With β = 1, identity, no renorm it is DPO."""
+    if rectify not in RECTIFY:
+        raise ValueError(f"projbp rectify={rectify!r}; choose one of {RECTIFY}.")
+    mods = _checked_modules(model, dirs)
+    handles: list = []
+    grad_handles: list = []
+
+    def on_forward(name: str):
+        u = dirs[name]
+
+        def hook(mod, args, y):
+            if not (torch.is_grad_enabled() and y.requires_grad):
+                return
+            _rows_u(u, y.shape[0], name)
+            grad_handles.append(
+                y.register_hook(lambda g: rewrite_grad_output(g, u, beta=beta, rectify=rectify, leak=leak, renorm=renorm))
+            )
+
+        return hook
+
+    try:
+        for name, mod in mods.items():
+            handles.append(mod.register_forward_hook(on_forward(name)))
+        yield
+    finally:
+        for h in handles + grad_handles:
+            h.remove()
