@@ -9,6 +9,14 @@ import pytest
 GENIES = Path(__file__).resolve().parents[2] / "shared" / "data" / "genies"
 
 
+def pytest_configure(config):
+    """One torch thread: the tiny models gain nothing from two, and on a shared 2-core
+    machine two threads per process thrash (observed: 3 s instead of 30 ms per backward)."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def _test_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("reprpo-cache")

@@ -11,7 +11,12 @@ pytestmark = pytest.mark.slow
 
 
 def test_smollm2_loads_from_wheel():
-    from reprpo.models import DEFAULT_MODEL, load_model_and_tokenizer, resolve_model, smollm2_gguf_path
+    from reprpo.models import (
+        DEFAULT_MODEL,
+        load_model_and_tokenizer,
+        resolve_model,
+        smollm2_gguf_path,
+    )
 
     assert smollm2_gguf_path().name.endswith(".gguf")
     model, tok = load_model_and_tokenizer(DEFAULT_MODEL)
