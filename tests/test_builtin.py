@@ -48,7 +48,7 @@ def test_deterministic_and_sized(dist: str, split: str) -> None:
 def test_pinned_first_pair() -> None:
     """Seeds come from crc32, not hash(): the first pair is the same on every machine."""
     p = builtin_pairs("arith", "train")[0]
-    assert (p.prompt, p.chosen) == ("What is 23 + 18?", "23 + 18 = 41")
+    assert (p.prompt, p.chosen, p.rejected) == ("Compute 73 - 35.", "73 - 35 = 38", "73 - 35 = 83")
     assert p.meta == {"source": "builtin:arith/train", "row": 0}
 
 
