@@ -44,3 +44,26 @@ def test_smollm2_dpo_4_steps_on_genies(genies_dir, tmp_path):
     table, per_pair = evaluate_run(cfg, adapter_dir=out, out=out / "eval")
     row = table.set_index("split").loc["train"]
     assert row.adapter_margin > row.base_margin, table.to_string()
+
+
+@pytest.mark.parametrize("method", ["hs-pca-prefvec", "projgrad"])
+def test_smollm2_methods_4_steps(method, genies_dir, tmp_path):
+    """A representation preset and a gradient preset train 4 steps on SmolLM2: finite loss,
+    the step-1 loss at its initial value (prefvec + DPO = 2 ln 2, projgrad = DPO = ln 2)."""
+    from reprpo.methods import preset_overrides
+    from reprpo.train import train
+
+    src = str(genies_dir / "us_history_textbook" / "train.json")
+    cfg = apply_overrides(RunConfig(), preset_overrides(method), where="preset")
+    cfg = apply_overrides(cfg, {
+        "train.method": method, "data.shift": "", "data.train": src, "data.n_train": 16,
+        "train.batch_size": 4, "train.max_steps": 4, "train.lr": 5e-4, "train.progress": False,
+        "method.k": 8, "method.layers": "0.5", "eval.after_train": False, "out": str(tmp_path / method),
+    }, where="test")
+    out = train(cfg)
+    m = pd.read_csv(out / "metrics.csv")
+    assert len(m) == 4 and all(math.isfinite(x) for x in m.loss)
+    want = 2 * math.log(2) if method == "hs-pca-prefvec" else math.log(2)
+    assert m.loss[0] == pytest.approx(want, abs=1e-4)
+    if method == "hs-pca-prefvec":
+        assert m["repr/p"][0] == pytest.approx(1.0, abs=1e-4)
