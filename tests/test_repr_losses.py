@@ -134,12 +134,13 @@ def test_mse_is_one_at_init_and_pulls_rejected_to_chosen():
 def test_prefvec_hand_worked():
     """β_p = 1, λ_o = 0.5, λ_c = 2 with p = 2, o = 1, c = 2/√5:
     softplus(-1·(2 - 1)) = log(1 + e^-1) = 0.3132617
-    λ_o·o = 0.5;   λ_c·(1 - c) = 2·(1 - 0.8944272) = 0.2111456
-    L = 0.3132617 + 0.5 + 0.2111456 = 1.0244073"""
+    λ_o·õ, õ = sqrt(o² + 1e-6) - 1e-3 = 1.0000005 - 0.001 = 0.9990005 -> 0.4995002
+    λ_c·(1 - c) = 2·(1 - 0.8944272) = 0.2111456
+    L = 0.3132617 + 0.4995002 + 0.2111456 = 1.0239075"""
     loss, m = prefvec_loss([example()], beta_p=1.0, lambda_o=0.5, lambda_c=2.0)
-    assert loss.tolist() == pytest.approx([1.0244073], abs=1e-6)
+    assert loss.tolist() == pytest.approx([1.0239075], abs=1e-6)
     assert float(m["repr/prefvec/along"]) == pytest.approx(0.3132617, abs=1e-6)
-    assert float(m["repr/prefvec/orth"]) == pytest.approx(0.5)
+    assert float(m["repr/prefvec/orth"]) == pytest.approx(0.4995002, abs=1e-6)
     assert float(m["repr/prefvec/cos"]) == pytest.approx(0.2111456, abs=1e-6)
     assert float(m["repr/p"]) == pytest.approx(2.0)
     assert float(m["repr/o/0"]) == pytest.approx(1.0)
@@ -160,13 +161,25 @@ def test_prefvec_is_ln2_at_init_and_pushes_p_up():
     assert torch.allclose((pr.grad * u).sum(-1), 1.0 / n, rtol=1e-4)
 
 
+def test_smoothed_drift_has_no_random_kick_at_init():
+    """õ = sqrt(o² + ε²) - ε: 0 and flat at o = 0, so rounding noise in δ_θ ⟂ u gives no
+    gradient; o itself (the metric) stays exact."""
+    from reprpo.repr_losses import smooth_o
+
+    assert float(smooth_o(torch.tensor(0.0))) == 0.0
+    o = torch.tensor(1e-7, requires_grad=True)
+    smooth_o(o).backward()
+    assert abs(float(o.grad)) < 1e-3
+    assert float(smooth_o(torch.tensor(2.0))) == pytest.approx(2.0 - 1e-3, abs=1e-6)
+
+
 def test_multi_point_average():
-    """Point 0 is the example (1.0244073 with β_p 1, λ_o 0.5, λ_c 2), point 1 is at init (ln 2).
-    L = (1.0244073 + 0.6931472)/2 = 0.8587772;  repr/p = (2 + 1)/2 = 1.5."""
+    """Point 0 is the example (1.0239075 with β_p 1, λ_o 0.5, λ_c 2), point 1 is at init (ln 2).
+    L = (1.0239075 + 0.6931472)/2 = 0.8585274;  repr/p = (2 + 1)/2 = 1.5."""
     init = PooledActs(T([[1.0, 0.0]]), T([[0.0, 0.0]]), T([[1.0, 0.0]]), T([[0.0, 0.0]]))
     loss, m = prefvec_loss([example(), init], beta_p=1.0, lambda_o=0.5, lambda_c=2.0)
-    assert loss.tolist() == pytest.approx([0.8587772], abs=1e-6)
-    assert float(m["repr/loss/0"]) == pytest.approx(1.0244073, abs=1e-6)
+    assert loss.tolist() == pytest.approx([0.8585274], abs=1e-6)
+    assert float(m["repr/loss/0"]) == pytest.approx(1.0239075, abs=1e-6)
     assert float(m["repr/loss/1"]) == pytest.approx(LN2)
     assert float(m["repr/p/0"]) == pytest.approx(2.0)
     assert float(m["repr/p/1"]) == pytest.approx(1.0)
@@ -218,7 +231,8 @@ def test_rank_is_ln2_at_init_and_raises_chosen():
     [
         # β_h = 0.5, p = 2, o = 1
         ("proj", 0.4740770),  # g = p - 1 = 1: softplus(-0.5) = log(1 + e^-0.5)
-        ("proj_orth", LN2),  # g = (p - 1) - o = 0: softplus(0)
+        # g = (p - 1) - õ = 1 - 0.9990005 = 0.0009995: softplus(-0.5·0.0009995) = 0.6928973
+        ("proj_orth", 0.6928973),
         ("log_proj", 0.5348000),  # g = log 2: softplus(-0.5 log 2) = log(1 + 2^-0.5) = log 1.7071068
     ],
 )

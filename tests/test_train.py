@@ -44,7 +44,8 @@ def test_steps_change_every_lora_tensor_and_no_base_tensor(tiny):
 
     from reprpo.data.pairs import PreferencePair
     from reprpo.data.tokenize import collate_pairs, tokenize_pairs
-    from reprpo.train import compute_loss, make_lora
+    from reprpo.methods import build_method
+    from reprpo.train import make_lora
 
     model0, tok = tiny
     cfg = apply_overrides(RunConfig(), {"lora.r": 4}, where="test")
@@ -55,8 +56,9 @@ def test_steps_change_every_lora_tensor_and_no_base_tensor(tiny):
     pairs = [PreferencePair(f"q{i}", f" good {i}", f" bad {i}!") for i in range(4)]
     batch = collate_pairs(tokenize_pairs(pairs, tok, max_length=32, max_prompt_length=16)[0], pad_id=tok.pad_token_id)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    method = build_method(cfg, model)
     for _ in range(3):
-        loss, _ = compute_loss(model, batch, cfg)
+        loss, _ = method.loss(model, batch)
         loss.backward()
         opt.step()
         opt.zero_grad()

@@ -142,24 +142,32 @@ def capture(points: list[CapturePoint]) -> Iterator[dict[str, torch.Tensor]]:
             h.remove()
 
 
-def pool(h: torch.Tensor, *, response_mask: torch.Tensor, attention_mask: torch.Tensor, mode: str = "mean", outlier_quantile: float = 0.0) -> torch.Tensor:
-    """(r, t, d) -> (r, d).
+def pool_weights(h: torch.Tensor, *, response_mask: torch.Tensor, attention_mask: torch.Tensor, mode: str = "mean", outlier_quantile: float = 0.0) -> torch.Tensor:
+    """Token weights (r, t) summing to 1 per row, read off the raw activations h (r, t, d).
 
-    mean: h̄ = Σ_t m_t H_t / Σ_t m_t over response tokens (default); last: the last response
-    token; all: mean over every non-padding token. outlier_quantile q > 0 drops tokens whose
-    norm exceeds the q-quantile of norms, the quantile computed over valid tokens only."""
+    mean: response tokens (default); last: the last response token; all: every token the row
+    sees. outlier_quantile q > 0 drops tokens whose norm exceeds the q-quantile of norms, the
+    quantile computed over the row's valid tokens only."""
     if mode == "last":
-        t = h.shape[1]
-        pos = torch.arange(t, device=h.device)
+        pos = torch.arange(h.shape[1], device=h.device)
         last = (response_mask * pos).argmax(1)  # (r,)
-        return h[torch.arange(h.shape[0], device=h.device), last]
-    m = (response_mask if mode == "mean" else attention_mask).to(h.dtype)  # (r, t)
-    if mode not in ("mean", "all"):
-        raise ConfigError(f"repr.pooling must be mean, last or all, got {mode!r}.")
-    if outlier_quantile:
-        norms = h.detach().float().norm(dim=-1)  # (r, t)
-        valid = norms[m > 0]
-        if valid.numel():
-            thr = torch.quantile(valid, outlier_quantile)
-            m = m * (norms <= thr).to(m.dtype)
-    return (h * m[..., None]).sum(1) / m.sum(1, keepdim=True).clamp(min=1)
+        m = torch.nn.functional.one_hot(last, h.shape[1]).float()
+    elif mode in ("mean", "all"):
+        m = (response_mask if mode == "mean" else attention_mask).float()  # (r, t)
+        if outlier_quantile:  # per row, so a pair's pooling does not depend on its batch
+            norms = h.detach().float().norm(dim=-1)  # (r, t)
+            keep = torch.ones_like(m)
+            for i in range(m.shape[0]):
+                valid = norms[i][m[i] > 0]
+                if valid.numel():
+                    keep[i] = (norms[i] <= torch.quantile(valid, outlier_quantile)).float()
+            m = m * keep
+    else:
+        raise ConfigError(f"method.pooling must be mean, last or all, got {mode!r}.")
+    return m / m.sum(1, keepdim=True).clamp(min=1)
+
+
+def pool(h: torch.Tensor, *, response_mask: torch.Tensor, attention_mask: torch.Tensor, mode: str = "mean", outlier_quantile: float = 0.0) -> torch.Tensor:
+    """(r, t, d) -> (r, d): h̄ = Σ_t w_t H_t with `pool_weights`."""
+    w = pool_weights(h, response_mask=response_mask, attention_mask=attention_mask, mode=mode, outlier_quantile=outlier_quantile)
+    return torch.einsum("rt,rtd->rd", w.to(h.dtype), h)

@@ -109,6 +109,15 @@ class MethodConfig:
 
 
 @dataclass
+class SpeedConfig:
+    share_prompt: bool = F(True, "encode each prompt once; chosen and rejected attend to it (4D mask); not for projgrad/projbp")
+    ref_cache: bool = F(True, "compute reference log-probs (and pooled activations) once, cache them on disk, run no reference forward in training")
+    response_logits: bool = F(True, "apply the output head only at response positions (off: full logits, the plain way)")
+    logit_chunk: int = F(2048, "response tokens per chunk of the log-softmax (bounds logits memory)")
+    length_batches: bool = F(True, "group pairs of similar length into batches (less padding)")
+
+
+@dataclass
 class EvalConfig:
     batch_size: int = F(8, "pairs per scoring batch")
     after_train: bool = F(True, "`reprpo train` evaluates base vs adapter on the eval splits when done")
@@ -122,11 +131,12 @@ class RunConfig:
     lora: LoraConfig = F(factory=LoraConfig, help="LoRA adapter")
     train: TrainConfig = F(factory=TrainConfig, help="training")
     method: MethodConfig = F(factory=MethodConfig, help="method hyper-parameters")
+    speed: SpeedConfig = F(factory=SpeedConfig, help="speed switches")
     eval: EvalConfig = F(factory=EvalConfig, help="evaluation")
     out: str = F("", "output directory (default runs/<method>-<timestamp>)")
 
 
-SECTIONS = ("model", "data", "lora", "train", "method", "eval")
+SECTIONS = ("model", "data", "lora", "train", "method", "speed", "eval")
 
 
 def _field_type(cls: type, name: str) -> Any:

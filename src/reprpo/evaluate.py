@@ -13,20 +13,21 @@ import numpy as np
 import pandas as pd
 import torch
 
-from reprpo.data.tokenize import TokenizedPair, collate_pairs
+from reprpo.data.tokenize import TokenizedPair, collate
 from reprpo.forward import adapter_disabled, sequence_logps
 
 
 @torch.no_grad()
-def score_pairs(model, pairs: list[TokenizedPair], *, pad_id: int, batch_size: int = 8, device=None) -> pd.DataFrame:
+def score_pairs(model, pairs: list[TokenizedPair], *, pad_id: int, batch_size: int = 8, device=None,
+                packed: bool = False, chunk: int = 2048) -> pd.DataFrame:
     """Per-pair log-prob sums/means for chosen and rejected, in the order of `pairs`."""
     device = device or next(model.parameters()).device
     order = sorted(range(len(pairs)), key=lambda i: -pairs[i].length)  # longest first: OOM shows early
     rows: dict[int, dict] = {}
     for s in range(0, len(order), batch_size):
         idx = order[s : s + batch_size]
-        batch = collate_pairs([pairs[i] for i in idx], pad_id=pad_id).to(device)
-        lp = sequence_logps(model, batch)
+        batch = collate([pairs[i] for i in idx], pad_id=pad_id, packed=packed).to(device)
+        lp = sequence_logps(model, batch, chunk=chunk)
         cs, rs = lp.chosen_rejected()
         b = len(idx)
         cn, rn = lp.n_tokens[:b], lp.n_tokens[b:]
@@ -36,7 +37,11 @@ def score_pairs(model, pairs: list[TokenizedPair], *, pad_id: int, batch_size: i
                 "chosen_logp_sum": float(cs[j]), "rejected_logp_sum": float(rs[j]),
                 "chosen_tokens": int(cn[j]), "rejected_tokens": int(rn[j]),
             }
-    df = pd.DataFrame([rows[i] for i in range(len(pairs))])
+    return finish_scores(pd.DataFrame([rows[i] for i in range(len(pairs))]))
+
+
+def finish_scores(df: pd.DataFrame) -> pd.DataFrame:
+    """Add means, margins and correctness (ties 0.5) to per-pair log-prob sums."""
     if df.empty:
         return df
     df["chosen_logp_mean"] = df.chosen_logp_sum / df.chosen_tokens
@@ -57,20 +62,39 @@ def summarize(df: pd.DataFrame) -> dict[str, float]:
     }
 
 
-def evaluate_splits(model, tokenizer, splits: dict[str, list[TokenizedPair]], *, batch_size: int, with_adapter: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
+def base_scores_cached(model, pairs: list[TokenizedPair], *, pad_id: int, batch_size: int, packed: bool, chunk: int = 2048) -> pd.DataFrame:
+    """Base-model scores from the offline reference cache (computed once per model x data)."""
+    from reprpo.refcache import build_ref_cache
+
+    c = build_ref_cache(model, pairs, pad_id=pad_id, packed=packed, batch_size=batch_size, chunk=chunk)
+    row = {int(i): r for r, i in enumerate(c.pair_index.tolist())}
+    r = [row[p.index] for p in pairs]
+    return finish_scores(pd.DataFrame({
+        "pair": [p.index for p in pairs],
+        "chosen_logp_sum": c.logp_sum[r, 0].tolist(), "rejected_logp_sum": c.logp_sum[r, 1].tolist(),
+        "chosen_tokens": c.n_tokens[r, 0].tolist(), "rejected_tokens": c.n_tokens[r, 1].tolist(),
+    }))
+
+
+def evaluate_splits(model, tokenizer, splits: dict[str, list[TokenizedPair]], *, batch_size: int, with_adapter: bool = True,
+                    packed: bool = False, ref_cache: bool = False, chunk: int = 2048) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Score each split for `base` (adapter off) and, if present, `adapter`.
 
+    With `ref_cache`, base scores come from (and go to) the offline reference cache.
     Returns (summary table: one row per split, per-pair rows with split and model columns)."""
     per_pair, table = [], []
+    pad = tokenizer.pad_token_id
     for split, pairs in splits.items():
         row: dict[str, object] = {"split": split}
         variants = [("base", True)] + ([("adapter", False)] if with_adapter else [])
         for name, disable in variants:
-            if disable:
+            if disable and ref_cache:
+                df = base_scores_cached(model, pairs, pad_id=pad, batch_size=batch_size, packed=packed, chunk=chunk)
+            elif disable:
                 with adapter_disabled(model):
-                    df = score_pairs(model, pairs, pad_id=tokenizer.pad_token_id, batch_size=batch_size)
+                    df = score_pairs(model, pairs, pad_id=pad, batch_size=batch_size, packed=packed, chunk=chunk)
             else:
-                df = score_pairs(model, pairs, pad_id=tokenizer.pad_token_id, batch_size=batch_size)
+                df = score_pairs(model, pairs, pad_id=pad, batch_size=batch_size, packed=packed, chunk=chunk)
             df.insert(0, "model", name)
             df.insert(0, "split", split)
             per_pair.append(df)
@@ -130,7 +154,9 @@ def evaluate_run(cfg, *, adapter_dir: str | Path | None, out: Path) -> tuple[pd.
         prep = prepare(src, tok, cfg.data, limit=cfg.data.n_eval)
         splits[name] = prep.tokenized
         notes.append(f"{name}: {prep.summary()}")
-    table, per_pair = evaluate_splits(model, tok, splits, batch_size=cfg.eval.batch_size, with_adapter=adapter_dir is not None)
+    sp = cfg.speed
+    table, per_pair = evaluate_splits(model, tok, splits, batch_size=cfg.eval.batch_size, with_adapter=adapter_dir is not None,
+                                      packed=sp.share_prompt, ref_cache=sp.ref_cache, chunk=sp.logit_chunk)
     write_eval(out, table, per_pair, fmt=cfg.eval.per_pair_format)
     (out / "data.txt").write_text("\n".join(notes) + "\n")
     return table, per_pair

@@ -63,21 +63,46 @@ def token_logps(head, h: torch.Tensor, targets: torch.Tensor, *, chunk: int = 20
     return torch.cat(out)
 
 
-def sequence_logps(model, batch: PairBatch, *, chunk: int = 2048) -> SeqLogps:
-    """ℓ(y|x) = Σ_{t∈response} log π(y_t | x, y_<t) for every row of the batch.
+def model_inputs(batch: PairBatch, *, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Decoder keyword arguments for either layout (packed: additive 4D mask, positions)."""
+    if not batch.packed:
+        return {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
+    neg = torch.finfo(dtype).min
+    mask = torch.zeros(batch.allow.shape, dtype=dtype, device=batch.allow.device).masked_fill(~batch.allow, neg)
+    return {"input_ids": batch.input_ids, "attention_mask": mask[:, None], "position_ids": batch.position_ids}
 
-    Runs the decoder once over all 2b rows and applies the output head only at the positions
-    that predict a response token (position t-1 predicts token t)."""
-    decoder, head = decoder_and_head(model)
-    hidden = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state  # (r, t, d)
-    sel = batch.response_mask[:, 1:].bool()  # (r, t-1): targets that are response tokens
-    h = hidden[:, :-1][sel]  # (n, d)
-    targets = batch.input_ids[:, 1:][sel]  # (n,)
-    row = sel.nonzero()[:, 0]  # (n,)
+
+def run_decoder(model, batch: PairBatch) -> torch.Tensor:
+    """Final-normed hidden states (R, t, d) of the batch's input rows."""
+    decoder, _ = decoder_and_head(model)
+    dtype = next(decoder.parameters()).dtype
+    return decoder(**model_inputs(batch, dtype=dtype)).last_hidden_state
+
+
+def sequence_logps(model, batch: PairBatch, *, chunk: int = 2048, full_logits: bool = False) -> SeqLogps:
+    """ℓ(y|x) = Σ_{t∈response} log π(y_t | x, y_<t) for every output row of the batch.
+
+    Runs the decoder once over the input rows and applies the output head only at the
+    positions that predict a response token. `full_logits=True` computes the head at every
+    position first (the plain way; for checking and for like-for-like benchmarks)."""
+    _, head = decoder_and_head(model)
+    hidden = run_decoder(model, batch)  # (R, t, d)
+    out_row, pos = batch.response_mask.bool().nonzero(as_tuple=True)  # (n,), (n,)
+    in_row = batch.rows[out_row]
+    pred = batch.pred_pos[in_row, pos]  # (n,)
+    targets = batch.input_ids[in_row, pos]  # (n,)
     softcap = getattr(base_model(model).config, "final_logit_softcapping", None)
-    lp = token_logps(head, h, targets, chunk=chunk, softcap=softcap)  # (n,)
-    logp_sum = torch.zeros(sel.shape[0], dtype=lp.dtype, device=lp.device).index_add(0, row, lp)
-    return SeqLogps(logp_sum=logp_sum, n_tokens=sel.sum(1))
+    if full_logits:
+        logits = head(hidden).float()  # (R, t, v)
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        logp_all = torch.log_softmax(logits, dim=-1)
+        lp = logp_all[in_row, pred, targets]
+    else:
+        lp = token_logps(head, hidden[in_row, pred], targets, chunk=chunk, softcap=softcap)  # (n,)
+    r = batch.response_mask.shape[0]
+    logp_sum = torch.zeros(r, dtype=lp.dtype, device=lp.device).index_add(0, out_row, lp)
+    return SeqLogps(logp_sum=logp_sum, n_tokens=batch.response_mask.sum(1))
 
 
 @contextmanager

@@ -15,17 +15,27 @@ from contextlib import contextmanager, nullcontext
 import torch
 from torch import nn
 
-from reprpo.capture import CapturePoint, capture, capture_points, decoder_layers, parse_layers, pool
+from reprpo.capture import (
+    CapturePoint,
+    capture,
+    capture_points,
+    decoder_layers,
+    parse_layers,
+    pool,
+    pool_weights,
+)
 from reprpo.config import RunConfig
-from reprpo.data.tokenize import PairBatch, TokenizedPair, collate_pairs
+from reprpo.data.tokenize import PairBatch, TokenizedPair, collate
 from reprpo.errors import ConfigError
-from reprpo.forward import adapter_disabled, base_model, sequence_logps
+from reprpo.forward import adapter_disabled, base_model, run_decoder, sequence_logps
 from reprpo.losses import cdpo_loss, dpo_loss, hinge_loss, ipo_loss, simpo_loss
+from reprpo.refcache import RefCache, RefOut
 
 OUTPUT_METHODS = ("dpo", "ipo", "cdpo", "hinge", "simpo")
 GRAD_METHODS = ("projgrad", "projbp")
 COLLECTIONS = ("hs", "side")
 TRANSFORM_NAMES = ("none", "pca", "hra", "ether", "ortho", "unembed_null", "suppressed")
+LINEAR_TRANSFORMS = ("none", "pca", "hra", "ether", "ortho", "unembed_null")  # T(Σ w h) = Σ w T(h)
 HS_ONLY_TRANSFORMS = ("unembed_null", "suppressed")  # defined on the residual stream only
 LOSS_NAMES = ("mse", "prefvec", "rank", "innerdpo", "innerpo")
 # defaults a preset brings (applied before YAML and CLI, so both can override them)
@@ -61,25 +71,32 @@ def _logp_metrics(pol) -> dict[str, torch.Tensor]:
 class OutputMethod(nn.Module):
     """dpo / ipo / cdpo / hinge / simpo over response log-probs."""
 
+    supports_packing = True  # works on the shared-prompt layout
+
     def __init__(self, cfg: RunConfig):
         super().__init__()
         self.name, self.beta, self.mc = cfg.train.method, cfg.train.beta, cfg.method
+        self.lp_kw = {"chunk": cfg.speed.logit_chunk, "full_logits": not cfg.speed.response_logits}
+        self.uses_reference = self.name != "simpo"  # so a reference cache helps
+        self.cache_points: list[CapturePoint] = []
 
-    def prepare(self, model, data: list[TokenizedPair], *, pad_id: int) -> None:
+    def prepare(self, model, data: list[TokenizedPair], *, pad_id: int, cache=None) -> None:
         pass
 
     def step(self, model, batch: PairBatch):
         return nullcontext()
 
-    def loss(self, model, batch: PairBatch, *, ref=None):
-        pol = sequence_logps(model, batch)
+    def loss(self, model, batch: PairBatch, *, ref: RefOut | None = None):
+        pol = sequence_logps(model, batch, **self.lp_kw)
         if self.name == "simpo":  # reference-free
             pcm, prm = pol.chosen_rejected(mean=True)
             loss, m = simpo_loss(pcm, prm, beta=self.beta, gamma=self.mc.simpo_gamma)
             return loss.mean(), m | _logp_metrics(pol)
-        if ref is None:
+        if ref is not None:
+            ref = ref.logps
+        else:
             with torch.no_grad(), adapter_disabled(model):
-                ref = sequence_logps(model, batch)
+                ref = sequence_logps(model, batch, **self.lp_kw)
         if self.name == "ipo":
             loss, m = ipo_loss(*pol.chosen_rejected(mean=True), *ref.chosen_rejected(mean=True), beta=self.beta)
         elif self.name == "cdpo":
@@ -94,9 +111,12 @@ class OutputMethod(nn.Module):
 class GradMethod(OutputMethod):
     """projgrad / projbp: DPO whose gradient is projected on the reference preference direction."""
 
+    supports_packing = False  # its hooks read [chosen; rejected] rows
+
     def __init__(self, cfg: RunConfig):
         super().__init__(cfg)
         self._ref = None
+        self.uses_reference = False  # its own reference pass gives directions and ℓ_ref together
 
     @contextmanager
     def step(self, model, batch: PairBatch):
@@ -112,14 +132,16 @@ class GradMethod(OutputMethod):
         finally:
             self._ref = None
 
-    def loss(self, model, batch: PairBatch, *, ref=None):
-        pol = sequence_logps(model, batch)
+    def loss(self, model, batch: PairBatch, *, ref: RefOut | None = None):
+        pol = sequence_logps(model, batch, **self.lp_kw)
         loss, m = dpo_loss(*pol.chosen_rejected(), *self._ref.chosen_rejected(), beta=self.beta)
         return loss.mean(), m | _logp_metrics(pol)
 
 
 class ReprMethod(nn.Module):
     """Representation preference optimisation: L = w_dpo·DPO + w_repr·loss(T(acts))."""
+
+    supports_packing = True
 
     def __init__(self, cfg: RunConfig, model):
         super().__init__()
@@ -153,35 +175,54 @@ class ReprMethod(nn.Module):
         for arg, default in self.spec.defaults.items():  # config value where there is a field
             self.loss_kwargs[arg] = getattr(mc, field_of.get(arg, arg), default)
         self.transforms = nn.ModuleDict()  # point key (dots -> _) -> Transform; built in prepare()
+        self.linear = mc.transform in LINEAR_TRANSFORMS and self.spec.token_fn is None
+        self.lp_kw = {"chunk": cfg.speed.logit_chunk, "full_logits": not cfg.speed.response_logits}
+        self.uses_reference = True
+        self.cache_points = self.points if self.linear else []  # pooled reference activations to cache
 
-    # -- setup -------------------------------------------------------------------------------
+    # -- pooling ------------------------------------------------------------------------------
+    def _tkey(self, key: str) -> str:
+        return key.replace(".", "_")
+
+    def _pool_raw(self, h: torch.Tensor, batch: PairBatch) -> torch.Tensor:
+        """Raw activations of the input rows (R, t, d) -> pooled per output row (2b, d)."""
+        return pool(h[batch.rows], response_mask=batch.response_mask, attention_mask=batch.pool_mask,
+                    mode=self.mc.pooling, outlier_quantile=self.mc.outlier_quantile)
+
+    def _pooled(self, key: str, store: dict[str, torch.Tensor], batch: PairBatch) -> torch.Tensor:
+        """T per token (+ the loss's token function), pooled: -> (2b, k).
+
+        A linear T commutes with pooling, so it is applied to the pooled vector (cheaper, and
+        what makes cached reference activations usable). Token weights always come from the
+        raw activations, so both routes pool the same tokens."""
+        t = self.transforms[self._tkey(key)]
+        h = store[key]
+        if self.linear:
+            return t(self._pool_raw(h, batch))
+        z = t(h, h_prev=store[f"prev.{key.split('.')[1]}"]) if getattr(t, "needs_prev", False) else t(h)
+        if self.spec.token_fn is not None:
+            z = self.spec.token_fn(z)
+        w = pool_weights(h[batch.rows], response_mask=batch.response_mask, attention_mask=batch.pool_mask,
+                         mode=self.mc.pooling, outlier_quantile=self.mc.outlier_quantile)  # (2b, t)
+        return torch.einsum("rt,rtk->rk", w, z[batch.rows].float())
+
     def _acts(self, model, batch: PairBatch, *, logps: bool):
-        """One forward with capture; returns ({key: (r, t, d)}, SeqLogps | None)."""
+        """One forward with capture; returns ({key: (R, t, d)}, SeqLogps | None)."""
         with capture(self.points + self.prev_points) as store:
             if logps:
-                lp = sequence_logps(model, batch)
+                lp = sequence_logps(model, batch, **self.lp_kw)
             else:
-                decoder = base_model(model).get_decoder()
-                decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+                run_decoder(model, batch)
                 lp = None
         return dict(store), lp
 
-    def _pooled(self, key: str, h: torch.Tensor, batch: PairBatch, store) -> torch.Tensor:
-        """T per token, the loss's token function, then pooling: (r, t, d) -> (r, k)."""
-        t = self.transforms[key.replace(".", "_")]
-        if getattr(t, "needs_prev", False):
-            z = t(h, h_prev=store[f"prev.{key.split('.')[1]}"])
-        else:
-            z = t(h)
-        if self.spec.token_fn is not None:
-            z = self.spec.token_fn(z)
-        return pool(z, response_mask=batch.response_mask, attention_mask=batch.attention_mask,
-                    mode=self.mc.pooling, outlier_quantile=self.mc.outlier_quantile)
-
+    # -- setup -------------------------------------------------------------------------------
     @torch.no_grad()
-    def prepare(self, model, data: list[TokenizedPair], *, pad_id: int, batch_size: int = 8) -> None:
-        """Build each point's transform (its width is read off a reference pass); fit pca on
-        the reference preference directions δ_ref of up to `method.pca_pairs` training pairs."""
+    def prepare(self, model, data: list[TokenizedPair], *, pad_id: int, cache: RefCache | None = None,
+                batch_size: int = 8) -> None:
+        """Build each point's transform (width read off the reference); fit pca on the reference
+        preference directions δ_ref of up to `method.pca_pairs` training pairs (from the
+        reference cache when there is one, else from reference passes)."""
         from reprpo.transforms import build_transform
 
         mc = self.mc
@@ -190,47 +231,54 @@ class ReprMethod(nn.Module):
         if fit and n < mc.k:
             raise ConfigError(f"method.transform pca fits a rank-{mc.k} frame (method.k) on {n} training pairs: "
                               f"lower method.k or use more pairs (data.n_train, method.pca_pairs).")
-        deltas: dict[str, list[torch.Tensor]] = {p.key: [] for p in self.points}
-        device = next(model.parameters()).device
-        for s in range(0, n, batch_size):
-            batch = collate_pairs(data[s : min(n, s + batch_size)], pad_id=pad_id).to(device)
-            with adapter_disabled(model):
-                store, _ = self._acts(model, batch, logps=False)
+        pooled: dict[str, list[torch.Tensor]] = {p.key: [] for p in self.points}  # (b, 2, d) chunks
+        if cache is not None and all(p.key in cache.acts for p in self.points):
             for p in self.points:
-                h = store[p.key]
-                if s == 0:
-                    lm = base_model(model).get_output_embeddings().weight if mc.transform == "unembed_null" else None
-                    k = mc.k if mc.transform in ("pca", "hra", "ether", "ortho") else None
-                    self.transforms[p.key.replace(".", "_")] = build_transform(
-                        mc.transform, d=h.shape[-1], k=k, lm_head_weight=lm, energy=mc.energy,
-                        seed=self.seed, block_size=mc.ether_block,
-                    ).to(device)
-                if fit:
-                    hp = pool(h.float(), response_mask=batch.response_mask, attention_mask=batch.attention_mask, mode=mc.pooling)
+                pooled[p.key].append(cache.acts[p.key][:n])
+        else:
+            device = next(model.parameters()).device
+            for s in range(0, n, batch_size):
+                batch = collate(data[s : min(n, s + batch_size)], pad_id=pad_id, packed=False).to(device)
+                with adapter_disabled(model):
+                    store, _ = self._acts(model, batch, logps=False)
+                for p in self.points:
+                    hp = self._pool_raw(store[p.key].float(), batch)
                     b = hp.shape[0] // 2
-                    deltas[p.key].append(hp[:b] - hp[b:])
-        if fit:
-            for p in self.points:
-                self.transforms[p.key.replace(".", "_")].fit(torch.cat(deltas[p.key]))
+                    pooled[p.key].append(torch.stack([hp[:b], hp[b:]], 1).cpu())
+        lm = base_model(model).get_output_embeddings().weight if mc.transform == "unembed_null" else None
+        k = mc.k if mc.transform in ("pca", "hra", "ether", "ortho") else None
+        device = next(model.parameters()).device
+        for p in self.points:
+            acts = torch.cat(pooled[p.key])  # (n, 2, d)
+            t = build_transform(mc.transform, d=acts.shape[-1], k=k, lm_head_weight=lm, energy=mc.energy,
+                                seed=self.seed, block_size=mc.ether_block)
+            if fit:
+                t.fit(acts[:, 0] - acts[:, 1])
+            self.transforms[self._tkey(p.key)] = t.to(device)
 
     def step(self, model, batch: PairBatch):
         return nullcontext()
 
     # -- loss --------------------------------------------------------------------------------
-    def loss(self, model, batch: PairBatch, *, ref=None):
+    def loss(self, model, batch: PairBatch, *, ref: RefOut | None = None):
         from reprpo.repr_losses import PooledActs
 
         # log-probs ride along both passes (head at response tokens only): the DPO term needs
         # them, and every method logs the same implicit-reward columns
         pol_store, pol = self._acts(model, batch, logps=True)
-        with torch.no_grad(), adapter_disabled(model):
-            ref_store, ref_lp = self._acts(model, batch, logps=ref is None)
-        ref_lp = ref if ref is not None else ref_lp
+        have_acts = ref is not None and self.linear and all(p.key in ref.acts for p in self.points)
+        if have_acts:  # cached reference: no reference forward at all
+            ref_lp = ref.logps
+            ref_pooled = {p.key: self.transforms[self._tkey(p.key)](ref.acts[p.key]) for p in self.points}
+        else:
+            with torch.no_grad(), adapter_disabled(model):
+                ref_store, ref_lp = self._acts(model, batch, logps=ref is None)
+                ref_pooled = {p.key: self._pooled(p.key, ref_store, batch) for p in self.points}
+            ref_lp = ref.logps if ref is not None else ref_lp
         acts = []
         for p in self.points:
-            hp = self._pooled(p.key, pol_store[p.key], batch, pol_store)  # (r, k)
-            with torch.no_grad():
-                hr = self._pooled(p.key, ref_store[p.key], batch, ref_store)
+            hp = self._pooled(p.key, pol_store, batch)  # (2b, k)
+            hr = ref_pooled[p.key].detach()
             b = hp.shape[0] // 2
             acts.append(PooledActs(hp[:b], hp[b:], hr[:b], hr[b:]))
         term, metrics = self.spec.fn(acts, **self.loss_kwargs)  # (b,)

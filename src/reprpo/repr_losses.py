@@ -36,6 +36,16 @@ TermFn = Callable[["PooledActs", Tensor, Tensor, Tensor], tuple[Tensor, dict[str
 # DELTA_REF_ABS_EPS in case the activations themselves are all zero.
 DELTA_REF_REL_EPS = 1e-6
 DELTA_REF_ABS_EPS = 1e-12
+# o is a norm with a kink at 0, where policy == reference: its gradient there is a unit vector
+# pointed by rounding noise (a random sideways kick of size λ_o/‖δ_ref‖ at step 1, different
+# for every batch layout). Losses use õ = sqrt(o² + ε²) − ε instead: zero gradient at 0,
+# = o − ε + O(ε²/o) once o ≫ ε. (differs: DESIGN writes λ_o·o; the metric stays exact o.)
+O_SMOOTH_EPS = 1e-3
+
+
+def smooth_o(o: Tensor) -> Tensor:
+    """õ = sqrt(o² + ε²) − ε, ε = O_SMOOTH_EPS (0 at o = 0, smooth, ≈ o for o ≫ ε)."""
+    return torch.sqrt(o * o + O_SMOOTH_EPS**2) - O_SMOOTH_EPS
 
 
 @dataclass
@@ -158,7 +168,7 @@ def prefvec_loss(
 
     def term(a: PooledActs, p: Tensor, o: Tensor, c: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         along = F.softplus(-beta_p * (p - 1.0))
-        orth = lambda_o * o
+        orth = lambda_o * smooth_o(o)
         cos = lambda_c * (1.0 - c)
         return along + orth + cos, {"along": along, "orth": orth, "cos": cos}
 
@@ -207,7 +217,7 @@ def innerdpo_term(
         if align == "proj":
             g = p - 1.0
         elif align == "proj_orth":
-            g = (p - 1.0) - o
+            g = (p - 1.0) - smooth_o(o)  # smooth at o = 0, see O_SMOOTH_EPS
         else:
             g = torch.log(p.clamp_min(eps))
         return -F.logsigmoid(beta_h * g), {"g": g}

@@ -16,10 +16,11 @@ import torch
 
 from reprpo.config import RunConfig, save_yaml
 from reprpo.data.prepare import prepare
-from reprpo.data.tokenize import collate_pairs
+from reprpo.data.tokenize import collate
 from reprpo.errors import ConfigError
 from reprpo.methods import build_method
 from reprpo.models import load_model_and_tokenizer
+from reprpo.refcache import build_ref_cache
 from reprpo.shifts import data_sources
 
 
@@ -42,6 +43,34 @@ def make_lora(model, cfg: RunConfig):
         raise ConfigError(f"lora.target_modules={tm!r}: {e}") from e
 
 
+class LengthGroupedBatches:
+    """Batches of pair indices, reshuffled every epoch (seeded).
+
+    With `group`, pairs are shuffled, cut into windows of 16 batches, sorted by length inside
+    each window, batched, and the batches shuffled: similar lengths share a batch (less
+    padding) while the order stays random."""
+
+    def __init__(self, lengths: list[int], *, batch_size: int, seed: int, group: bool = True, window: int = 16):
+        self.lengths, self.bs, self.group, self.window = lengths, batch_size, group, window
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.lengths) / self.bs)
+
+    def __iter__(self):
+        perm = torch.randperm(len(self.lengths), generator=self.gen).tolist()
+        if not self.group:
+            yield from (perm[i : i + self.bs] for i in range(0, len(perm), self.bs))
+            return
+        span = self.bs * self.window
+        batches = []
+        for w in range(0, len(perm), span):
+            win = sorted(perm[w : w + span], key=lambda i: -self.lengths[i])
+            batches += [win[i : i + self.bs] for i in range(0, len(win), self.bs)]
+        order = torch.randperm(len(batches), generator=self.gen).tolist()
+        yield from (batches[i] for i in order)
+
+
 def make_scheduler(optimizer, *, schedule: str, warmup: int, total: int):
     def factor(step: int) -> float:
         if warmup and step < warmup:
@@ -52,15 +81,6 @@ def make_scheduler(optimizer, *, schedule: str, warmup: int, total: int):
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def compute_loss(model, batch, cfg: RunConfig, method=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """One micro-batch's loss and metrics for the configured method (policy + reference pass)."""
-    from reprpo.methods import build_method
-
-    method = method or build_method(cfg, model)
-    with method.step(model, batch):
-        return method.loss(model, batch)
 
 
 class MetricsLog:
@@ -116,15 +136,25 @@ def train(cfg: RunConfig) -> Path:
     model = make_lora(model, cfg)
     model.train()
     method = build_method(cfg, model)
-    method.prepare(model, data.tokenized, pad_id=tok.pad_token_id)  # e.g. fit pca, size frames
+    sp = cfg.speed
+    packed = sp.share_prompt and method.supports_packing
+    model.to(acc.device)
+    cache, t_cache = None, time.time()
+    if sp.ref_cache and method.uses_reference:  # one reference pass now, none in the loop
+        cache = build_ref_cache(model, data.tokenized, pad_id=tok.pad_token_id, packed=packed,
+                                batch_size=tc.batch_size, points=method.cache_points, pooling=cfg.method.pooling,
+                                outlier_quantile=cfg.method.outlier_quantile, chunk=sp.logit_chunk)
+    t_cache = time.time() - t_cache
+    method.prepare(model, data.tokenized, pad_id=tok.pad_token_id, cache=cache)  # e.g. fit pca, size frames
     method.to(acc.device)
     extra = [p for p in method.parameters() if p.requires_grad]  # learned frames (hra/ether/ortho)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
-    gen = torch.Generator().manual_seed(tc.seed)
+    sampler = LengthGroupedBatches([p.length for p in data.tokenized], batch_size=tc.batch_size,
+                                   seed=tc.seed, group=sp.length_batches)
     loader = torch.utils.data.DataLoader(
-        data.tokenized, batch_size=tc.batch_size, shuffle=True, generator=gen,
-        collate_fn=lambda b: collate_pairs(b, pad_id=tok.pad_token_id), drop_last=False,
+        data.tokenized, batch_sampler=sampler,
+        collate_fn=lambda b: collate(b, pad_id=tok.pad_token_id, packed=packed),
     )
     steps_per_epoch = max(1, len(loader) // tc.grad_accum)
     total = tc.max_steps or max(1, math.ceil(tc.epochs * steps_per_epoch))
@@ -139,13 +169,17 @@ def train(cfg: RunConfig) -> Path:
     acc.print(f"training {cfg.train.method}: {total} steps x {tc.batch_size * tc.grad_accum} pairs, {n_trainable:,} trainable params -> {out}")
 
     step, micro, window, t_step = 0, 0, [], time.time()
+    real_tokens = padded_tokens = 0
     bar = tqdm(total=total, disable=not (tc.progress and acc.is_main_process), desc=cfg.train.method)
     while step < total:
         for batch in loader:
             with acc.accumulate(model):
+                ref = cache.lookup(batch) if cache is not None else None
                 with method.step(model, batch):  # gradient methods hook forward + backward here
-                    loss, metrics = method.loss(model, batch)
+                    loss, metrics = method.loss(model, batch, ref=ref)
                     acc.backward(loss)
+                real_tokens += batch.n_tokens
+                padded_tokens += batch.input_ids.numel()
                 if extra and acc.num_processes > 1:  # frames live outside the DDP-wrapped model
                     for p in extra:
                         if p.grad is not None:
@@ -167,7 +201,8 @@ def train(cfg: RunConfig) -> Path:
             step += 1
             row = {"step": step, "epoch": micro / max(1, len(loader))}
             row |= {k: float(torch.stack([w[k] for w in window]).mean()) for k in window[0]}
-            row |= {"grad_norm": float(gnorm), "lr": lr, "sec_per_step": time.time() - t_step}
+            row |= {"grad_norm": float(gnorm), "lr": lr, "sec_per_step": time.time() - t_step,
+                    "pad_waste": 1.0 - real_tokens / max(1, padded_tokens)}
             window, t_step = [], time.time()
             if log and (step % tc.log_every == 0 or step == total):
                 log.write(row)
@@ -187,6 +222,8 @@ def train(cfg: RunConfig) -> Path:
             torch.save(method.state_dict(), out / "method_state.pt")  # frames / pca bases
         report = {
             "steps": step, "pairs_seen": micro * tc.batch_size, "trainable_params": n_trainable,
+            "layout": "shared-prompt" if packed else "padded", "reference_cache": cache is not None,
+            "reference_cache_seconds": t_cache, "pad_waste": 1.0 - real_tokens / max(1, padded_tokens),
             "seconds": time.time() - t0, "data": {"source": train_src, "summary": data.summary(),
             "dropped": dict(data.read_report.dropped), "tokenize": vars(data.token_report) | {"dropped": dict(data.token_report.dropped)}},
         }

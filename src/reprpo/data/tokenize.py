@@ -104,30 +104,93 @@ def tokenize_pairs(
 
 @dataclass
 class PairBatch:
-    """b pairs as 2b rows: rows [0, b) chosen, rows [b, 2b) rejected; right-padded."""
+    """b pairs. The model reads R input rows; 2b output rows (chosen [0, b), rejected [b, 2b))
+    say which input row and which positions hold each response.
 
-    input_ids: torch.Tensor  # (2b, t)
-    attention_mask: torch.Tensor  # (2b, t)
-    response_mask: torch.Tensor  # (2b, t) 1 on response tokens (not prompt, not padding)
+    padded layout (`collate_pairs`): R = 2b rows [chosen; rejected], each prompt + response,
+    right-padded. packed layout (`collate_packed`, shared prompt prefix): R = b rows
+    prompt + chosen + rejected; the rejected tokens cannot see the chosen ones (4D mask) and
+    their positions restart after the prompt, so both responses attend to one encoding of the
+    prompt.
+    """
+
+    input_ids: torch.Tensor  # (R, t)
+    attention_mask: torch.Tensor  # (R, t) 1 on real tokens, 0 on padding
+    response_mask: torch.Tensor  # (2b, t) 1 on the output row's response tokens (in its input row)
+    pool_mask: torch.Tensor  # (2b, t) 1 on the tokens the output row sees: prompt + own response
+    pred_pos: torch.Tensor  # (R, t) position whose hidden state predicts this token (-1: none)
+    rows: torch.Tensor  # (2b,) input row of each output row
     index: torch.Tensor  # (b,) positions of the pairs in their source list
+    position_ids: torch.Tensor | None = None  # (R, t) packed only
+    allow: torch.Tensor | None = None  # (R, t, t) bool, packed only: query i may attend key j
 
     def to(self, device) -> PairBatch:
-        return PairBatch(*(x.to(device) for x in (self.input_ids, self.attention_mask, self.response_mask, self.index)))
+        return PairBatch(**{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in vars(self).items()})
 
     @property
     def n_pairs(self) -> int:
         return self.index.shape[0]
 
+    @property
+    def packed(self) -> bool:
+        return self.allow is not None
+
+    @property
+    def n_tokens(self) -> int:
+        """Real (non-padding) tokens the model reads."""
+        return int(self.attention_mask.sum())
+
 
 def collate_pairs(pairs: list[TokenizedPair], *, pad_id: int) -> PairBatch:
+    """Padded layout: 2b rows [chosen; rejected], right-padded."""
     rows = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs]
     t = max(len(a) + len(b) for a, b in rows)
-    ids = torch.full((len(rows), t), pad_id, dtype=torch.long)
-    att = torch.zeros((len(rows), t), dtype=torch.long)
-    resp = torch.zeros((len(rows), t), dtype=torch.long)
+    r = len(rows)
+    ids = torch.full((r, t), pad_id, dtype=torch.long)
+    att = torch.zeros((r, t), dtype=torch.long)
+    resp = torch.zeros((r, t), dtype=torch.long)
     for i, (a, b) in enumerate(rows):
         n = len(a) + len(b)
         ids[i, :n] = torch.tensor(a + b, dtype=torch.long)
         att[i, :n] = 1
-        resp[i, len(a) : n] = 1
-    return PairBatch(ids, att, resp, torch.tensor([p.index for p in pairs], dtype=torch.long))
+        resp[i, max(1, len(a)) : n] = 1  # a token at position 0 has no predictor
+    pred = torch.arange(t).expand(r, t) - 1
+    return PairBatch(ids, att, resp, att.clone(), pred.contiguous(), torch.arange(r),
+                     torch.tensor([p.index for p in pairs], dtype=torch.long))
+
+
+def collate_packed(pairs: list[TokenizedPair], *, pad_id: int) -> PairBatch:
+    """Packed layout (shared prompt prefix): one row per pair, prompt + chosen + rejected."""
+    b = len(pairs)
+    t = max(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
+    ids = torch.full((b, t), pad_id, dtype=torch.long)
+    att = torch.zeros((b, t), dtype=torch.long)
+    pos = torch.zeros((b, t), dtype=torch.long)
+    pred = torch.full((b, t), -1, dtype=torch.long)
+    resp = torch.zeros((2 * b, t), dtype=torch.long)
+    seen = torch.zeros((2 * b, t), dtype=torch.long)
+    allow = torch.zeros((b, t, t), dtype=torch.bool)
+    for i, p in enumerate(pairs):
+        lp, lc, lr = len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)
+        n = lp + lc + lr
+        ids[i, :n] = torch.tensor(p.prompt_ids + p.chosen_ids + p.rejected_ids, dtype=torch.long)
+        att[i, :n] = 1
+        pos[i, : lp + lc] = torch.arange(lp + lc)
+        pos[i, lp + lc : n] = torch.arange(lp, lp + lr)
+        pred[i, 1:n] = torch.arange(n - 1)
+        pred[i, lp + lc] = lp - 1  # the first rejected token is predicted by the last prompt token
+        resp[i, max(1, lp) : lp + lc] = 1
+        resp[b + i, lp + lc + (1 if lp == 0 else 0) : n] = 1
+        seen[i, : lp + lc] = 1
+        seen[b + i, :lp] = 1
+        seen[b + i, lp + lc : n] = 1
+        allow[i, :n, :n] = torch.tril(torch.ones(n, n, dtype=torch.bool))
+        allow[i, lp + lc : n, lp : lp + lc] = False  # rejected does not see chosen
+    # padding rows attend to themselves only, so softmax never sees an empty row
+    allow |= torch.eye(t, dtype=torch.bool)[None]
+    return PairBatch(ids, att, resp, seen, pred, torch.arange(b).repeat(2),
+                     torch.tensor([p.index for p in pairs], dtype=torch.long), pos, allow)
+
+
+def collate(pairs: list[TokenizedPair], *, pad_id: int, packed: bool) -> PairBatch:
+    return collate_packed(pairs, pad_id=pad_id) if packed else collate_pairs(pairs, pad_id=pad_id)

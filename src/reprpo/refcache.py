@@ -1,0 +1,141 @@
+"""Offline reference: ℓ_ref (and pooled reference activations) computed once, cached on disk.
+
+Keyed by a fingerprint of the base weights, the tokenised pairs, the layout and the capture
+spec. A cache file whose fingerprint does not match is recomputed, never reused. Training
+then runs no reference forward, and evaluation reads base scores from the same cache.
+Pooled activations are stored *before* any transform: methods whose transform is linear apply
+it to the pooled vector (T(Σ w h) = Σ w T(h)); the others compute the reference online.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from reprpo.capture import CapturePoint, capture, pool
+from reprpo.data.tokenize import PairBatch, TokenizedPair, collate
+from reprpo.forward import SeqLogps, adapter_disabled, base_model, sequence_logps
+
+
+@dataclass
+class RefOut:
+    """Reference quantities for one batch: log-probs (2b,) and pooled activations (2b, d)."""
+
+    logps: SeqLogps
+    acts: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class RefCache:
+    fingerprint: str
+    pair_index: torch.Tensor  # (n,) TokenizedPair.index of each cached pair
+    logp_sum: torch.Tensor  # (n, 2) chosen, rejected
+    n_tokens: torch.Tensor  # (n, 2)
+    acts: dict[str, torch.Tensor] = field(default_factory=dict)  # key -> (n, 2, d)
+    _row: dict[int, int] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        self._row = {int(i): r for r, i in enumerate(self.pair_index.tolist())}
+
+    def lookup(self, batch: PairBatch) -> RefOut:
+        rows = torch.tensor([self._row[int(i)] for i in batch.index.tolist()])
+        dev = batch.input_ids.device
+        two = lambda x: torch.cat([x[rows, 0], x[rows, 1]]).to(dev)  # (2b, ...) chosen then rejected
+        return RefOut(SeqLogps(two(self.logp_sum), two(self.n_tokens)), {k: two(v) for k, v in self.acts.items()})
+
+
+def model_fingerprint(model) -> str:
+    """Hash of the base weights (LoRA tensors excluded: the reference runs with the adapter off)."""
+    lm = base_model(model)
+    cached = getattr(lm, "_reprpo_fingerprint", None)
+    if cached:
+        return cached
+    h = hashlib.blake2b(digest_size=16)
+    for name, p in sorted(lm.state_dict().items()):
+        if "lora_" in name:
+            continue
+        h.update(name.replace("base_layer.", "").encode())
+        h.update(str((tuple(p.shape), p.dtype)).encode())
+        h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    lm._reprpo_fingerprint = h.hexdigest()
+    return lm._reprpo_fingerprint
+
+
+def data_fingerprint(pairs: list[TokenizedPair]) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for p in pairs:
+        h.update(json.dumps([p.index, p.prompt_ids, p.chosen_ids, p.rejected_ids]).encode())
+    return h.hexdigest()
+
+
+def cache_root() -> Path:
+    from reprpo.models import cache_dir
+
+    return cache_dir() / "ref"
+
+
+@torch.no_grad()
+def build_ref_cache(
+    model,
+    pairs: list[TokenizedPair],
+    *,
+    pad_id: int,
+    packed: bool,
+    batch_size: int = 8,
+    points: list[CapturePoint] | None = None,
+    pooling: str = "mean",
+    outlier_quantile: float = 0.0,
+    chunk: int = 2048,
+    use_disk: bool = True,
+) -> RefCache:
+    """Reference log-probs (and pooled activations at `points`) of every pair, from disk when a
+    cache with the same fingerprint exists, else computed (adapter off) and saved."""
+    points = points or []
+    spec = {"model": model_fingerprint(model), "data": data_fingerprint(pairs), "packed": packed,
+            "points": [p.key for p in points], "pooling": pooling, "outlier_quantile": outlier_quantile}
+    fp = hashlib.blake2b(json.dumps(spec, sort_keys=True).encode(), digest_size=16).hexdigest()
+    path = cache_root() / f"{fp}.pt"
+    if use_disk and path.is_file():
+        try:
+            d = torch.load(path, map_location="cpu", weights_only=True)
+            if d.get("fingerprint") == fp and d["pair_index"].tolist() == [p.index for p in pairs]:
+                return RefCache(fp, d["pair_index"], d["logp_sum"], d["n_tokens"], d["acts"])
+        except Exception:  # noqa: BLE001 - a broken cache file is recomputed
+            pass
+    device = next(model.parameters()).device
+    n = len(pairs)
+    logp = torch.zeros(n, 2)
+    ntok = torch.zeros(n, 2, dtype=torch.long)
+    acts: dict[str, torch.Tensor] = {}
+    was_training = model.training
+    model.eval()
+    try:
+        for s in range(0, n, batch_size):
+            chunk_pairs = pairs[s : s + batch_size]
+            batch = collate(chunk_pairs, pad_id=pad_id, packed=packed).to(device)
+            b = len(chunk_pairs)
+            with adapter_disabled(model), capture(points) as store:
+                lp = sequence_logps(model, batch, chunk=chunk)
+            logp[s : s + b] = torch.stack(lp.chosen_rejected(), 1).float().cpu()
+            ntok[s : s + b] = torch.stack([lp.n_tokens[:b], lp.n_tokens[b:]], 1).cpu()
+            for p in points:
+                h = pool(store[p.key].float()[batch.rows], response_mask=batch.response_mask,
+                         attention_mask=batch.pool_mask, mode=pooling, outlier_quantile=outlier_quantile)  # (2b, d)
+                if p.key not in acts:
+                    acts[p.key] = torch.zeros(n, 2, h.shape[-1])
+                acts[p.key][s : s + b] = torch.stack([h[:b], h[b:]], 1).cpu()
+    finally:
+        model.train(was_training)
+    cache = RefCache(fp, torch.tensor([p.index for p in pairs]), logp, ntok, acts)
+    if use_disk:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        torch.save({"fingerprint": fp, "spec": spec, "pair_index": cache.pair_index, "logp_sum": logp,
+                    "n_tokens": ntok, "acts": acts}, tmp)
+        tmp.replace(path)
+    return cache
