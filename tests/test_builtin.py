@@ -196,15 +196,14 @@ def test_arith_words_answers() -> None:
 def test_arith_story_answers() -> None:
     for p in _pairs("arith_story"):
         a, b = map(int, re.findall(r"\d+", p.prompt))
-        gives_away = any(w in p.prompt for w in ("gives", "takes", "lost"))
-        op = "-" if gives_away else "+"
-        truth = _eval(a, op, b)
+        op = "-" if any(w in p.prompt for w in ("gives", "takes", "lost")) else "+"
+        truth, wrong = _eval(a, op, b), _last_int(p.rejected)
         assert p.chosen.startswith(f"{a} {op} {b} = {truth}, so ")
-        assert re.findall(r"\d+", p.chosen)[-2:] == [str(truth)] * 2  # sum and sentence agree
-        assert _last_int(p.rejected) != truth
-        assert p.chosen.split(", so ")[1].replace(str(truth), "#") == p.rejected.split(", so ")[
-            1
-        ].replace(str(_last_int(p.rejected)), "#")  # same sentence, only the number differs
+        assert p.rejected.startswith(f"{a} {op} {b} = {wrong}, so ")
+        assert wrong != truth
+        # after "a op b = ", the same sentence with only the result changed
+        rest_c, rest_r = p.chosen.split(" = ", 1)[1], p.rejected.split(" = ", 1)[1]
+        assert re.sub(rf"\b{truth}\b", "#", rest_c) == re.sub(rf"\b{wrong}\b", "#", rest_r)
 
 
 def test_compare_answers() -> None:
@@ -216,13 +215,14 @@ def test_compare_answers() -> None:
 
 
 def test_spelling_answers() -> None:
-    index = {"first": 0, "second": 1, "third": 2, "last": -1}
+    index = {"first": 0, "second": 1, "third": 2}
     for p in _pairs("spelling"):
-        pos = re.search(r"(first|second|third|last)", p.prompt)[1]
+        pos = re.search(r"(first|second|third)", p.prompt)[1]
         word = re.search(r"['\"](\w+)['\"]", p.prompt)[1]
-        assert p.chosen == f"The {pos} letter of '{word}' is '{word[index[pos]]}'."
-        wrong = p.rejected[-3]
-        assert wrong != word[index[pos]] and wrong in word
+        i = index[pos]
+        assert p.chosen == f"The {pos} letter of '{word}' is '{word[i]}'."
+        assert p.rejected == f"The {pos} letter of '{word}' is '{word[i + 1]}'."  # one too far
+        assert word[i] != word[i + 1]
 
 
 def test_quality_lists_answers() -> None:

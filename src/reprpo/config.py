@@ -65,7 +65,8 @@ class TrainConfig:
     grad_accum: int = F(1, "micro-batches per optimiser step")
     max_steps: int = F(0, "optimiser steps (0 = run `epochs` epochs)")
     epochs: float = F(1.0, "epochs over the training pairs when max_steps is 0")
-    schedule: str = F("cosine", "learning-rate schedule after warmup: cosine | constant")
+    schedule: str = F("cosine", "learning-rate schedule after warmup: cosine | linear | constant")
+    shuffle: bool = F(True, "shuffle the training pairs every epoch (off: file order, for like-for-like checks)")
     warmup_ratio: float = F(0.1, "fraction of steps of linear warmup")
     max_grad_norm: float = F(1.0, "gradient clipping norm (0 = off)")
     seed: int = F(1, "seed for LoRA init, data order and dropout; a CPU run repeats exactly")
@@ -257,8 +258,8 @@ def validate(cfg: RunConfig) -> None:
     for name, v in (("train.batch_size", t.batch_size), ("train.grad_accum", t.grad_accum), ("lora.r", cfg.lora.r), ("eval.batch_size", cfg.eval.batch_size)):
         if v < 1:
             raise ConfigError(f"{name} must be >= 1, got {v}.")
-    if t.schedule not in ("cosine", "constant"):
-        raise ConfigError(f"train.schedule must be `cosine` or `constant`, got {t.schedule!r}.")
+    if t.schedule not in ("cosine", "linear", "constant"):
+        raise ConfigError(f"train.schedule must be cosine, linear or constant, got {t.schedule!r}.")
     if not 0 <= t.warmup_ratio < 1:
         raise ConfigError(f"train.warmup_ratio must be in [0, 1), got {t.warmup_ratio}.")
     if t.lr <= 0:

@@ -50,14 +50,17 @@ class LengthGroupedBatches:
     each window, batched, and the batches shuffled: similar lengths share a batch (less
     padding) while the order stays random."""
 
-    def __init__(self, lengths: list[int], *, batch_size: int, seed: int, group: bool = True, window: int = 16):
-        self.lengths, self.bs, self.group, self.window = lengths, batch_size, group, window
+    def __init__(self, lengths: list[int], *, batch_size: int, seed: int, group: bool = True, window: int = 16, shuffle: bool = True):
+        self.lengths, self.bs, self.group, self.window, self.shuffle = lengths, batch_size, group, window, shuffle
         self.gen = torch.Generator().manual_seed(seed)
 
     def __len__(self) -> int:
         return math.ceil(len(self.lengths) / self.bs)
 
     def __iter__(self):
+        if not self.shuffle:  # file order, fixed batches
+            yield from ([*range(i, min(i + self.bs, len(self.lengths)))] for i in range(0, len(self.lengths), self.bs))
+            return
         perm = torch.randperm(len(self.lengths), generator=self.gen).tolist()
         if not self.group:
             yield from (perm[i : i + self.bs] for i in range(0, len(perm), self.bs))
@@ -78,6 +81,8 @@ def make_scheduler(optimizer, *, schedule: str, warmup: int, total: int):
         if schedule == "constant":
             return 1.0
         progress = (step - warmup) / max(1, total - warmup)
+        if schedule == "linear":
+            return max(0.0, 1.0 - progress)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
@@ -151,7 +156,7 @@ def train(cfg: RunConfig) -> Path:
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     sampler = LengthGroupedBatches([p.length for p in data.tokenized], batch_size=tc.batch_size,
-                                   seed=tc.seed, group=sp.length_batches)
+                                   seed=tc.seed, group=sp.length_batches, shuffle=tc.shuffle)
     loader = torch.utils.data.DataLoader(
         data.tokenized, batch_sampler=sampler,
         collate_fn=lambda b: collate(b, pad_id=tok.pad_token_id, packed=packed),

@@ -2,8 +2,8 @@
 
 Each distribution is a small generator of (prompt, chosen, rejected) triples: chosen is the
 correct or better answer, rejected a plausible wrong or worse one of about the same length
-(an off-by-one or carry slip in arithmetic, the wrong number of a comparison, a neighbouring
-letter when spelling, a list that repeats itself, a count that gets stuck).
+(an off-by-one or carry slip in arithmetic, the other number of a comparison, the next letter
+when spelling, a list that repeats itself, a count that gets stuck or loops).
 
 Determinism: pairs are drawn with `random.Random(zlib.crc32(f"{dist}/{split}"))`, so they are
 identical on every run and machine (Python's `hash()` is salted per process; crc32 is not).
@@ -14,12 +14,12 @@ each split keeps only the draws that belong to it, and no prompt twice.
 `train`, then measure preference accuracy on its train and test splits, on the test split of
 the shifted distribution `oos`, and on the test split of an unrelated one `rnd`.
 
-Difficulty is pitched for SmolLM2-135M-Instruct: before any training its preference
-accuracy (mean response-token log-prob of chosen > rejected, chat template, 100 test pairs)
-is between about 55% and 85% on every distribution, so training has room to move. Measured
-(base, 100 test pairs each): arith 0.79, arith_hard 0.70, arith_words 0.71, arith_story 0.71,
-compare 0.62, spelling 0.59, quality_lists 0.65, quality_count 0.87 — re-measure after
-changing a generator.
+Difficulty is pitched for SmolLM2-135M-Instruct, so that training has room to move: its
+base preference accuracy (mean response-token log-prob of chosen > rejected, chat template,
+eos appended, first 100 test pairs, fp32) was arith 0.79, arith_hard 0.64, arith_words 0.70,
+arith_story 0.71, compare 0.64, spelling 0.58, quality_lists 0.65, quality_count 0.79.
+Re-measure after changing a generator; the docstrings say which variants hit ceiling or
+fell below chance.
 """
 
 from __future__ import annotations
@@ -200,57 +200,6 @@ def make_arith_story(rng: random.Random) -> Triple:
 
 
 # ---------------------------------------------------------------------------------------
-# Comparison and spelling (the unrelated `rnd` distributions)
-
-
-_COMPARE_TEMPLATES = ("Which is {w}, {a} or {b}?", "Which number is {w}: {a} or {b}?", "Is {a} or {b} {w}?")
-
-
-def make_compare(rng: random.Random) -> Triple:
-    """Which of two numbers is larger (or smaller); rejected names the other one.
-
-    The answer names one number ("The larger number is 74."), not both in some order: with
-    "74 is larger than 47." SmolLM2 simply prefers the prompt's order (37%).
-    """
-    a, b = rng.sample(range(10, 1000), 2)
-    w = rng.choice(("larger", "smaller"))
-    right, wrong = (max(a, b), min(a, b)) if w == "larger" else (min(a, b), max(a, b))
-    prompt = rng.choice(_COMPARE_TEMPLATES).format(w=w, a=a, b=b)
-    return prompt, f"The {w} number is {right}.", f"The {w} number is {wrong}."
-
-
-_WORDS = (
-    "apple anchor arrow badge basket bell bridge button cabin candle canoe carpet castle cedar "
-    "chalk cherry cloud coat comet copper cotton crown daisy desk dragon drum eagle engine falcon "
-    "feather fence fiddle flute forest fossil garden ginger glove grape gravel harbor helmet honey "
-    "island ivory jacket jelly jungle kettle kite ladder lantern lemon lizard magnet maple marble "
-    "meadow mirror monkey needle nest oak ocean olive onion orbit otter paddle panda parrot peach "
-    "pebble pepper piano pillow planet pocket puzzle quilt rabbit radio rocket saddle salmon "
-    "shadow silver spider spoon statue storm sugar table tiger timber tomato tower tulip turtle "
-    "umbrella valley velvet violin wagon walnut whistle window winter wizard yogurt zebra"
-).split()
-_POSITIONS = {"first": 0, "second": 1, "third": 2, "last": -1}
-_SPELL_TEMPLATES = (
-    "What is the {p} letter of the word '{w}'?",
-    "Which letter is {p} in '{w}'?",
-    'Tell me the {p} letter of "{w}".',
-)
-
-
-def make_spelling(rng: random.Random) -> Triple:
-    """The first, second, third or last letter of a word; rejected is a neighbouring letter."""
-    while True:
-        word, pos = rng.choice(_WORDS), rng.choice(list(_POSITIONS))
-        i = _POSITIONS[pos] % len(word)
-        near = sorted({word[j] for j in (i - 1, i + 1) if 0 <= j < len(word)} - {word[i]})
-        if near:  # e.g. the second letter of "apple" has only one different neighbour
-            break
-    prompt = rng.choice(_SPELL_TEMPLATES).format(p=pos, w=word)
-    answer = f"The {pos} letter of '{word}' is '{{}}'."
-    return prompt, answer.format(word[i]), answer.format(rng.choice(near))
-
-
-# ---------------------------------------------------------------------------------------
 # Quality: well-formed answers against degenerate, repetitive ones
 
 
@@ -307,25 +256,83 @@ _COUNT_TEMPLATES = {
 
 
 def make_quality_count(rng: random.Random) -> Triple:
-    """Count in steps of 3-12, up or down; rejected gets stuck, loops back or stutters.
+    """Count in steps of 3-12, up or down; rejected gets stuck on a number or loops back.
 
-    Steps of 1 or 2 put SmolLM2-135M at ceiling (100%): it predicts every next number.
+    Steps of 1 or 2 put SmolLM2-135M at ceiling (100%): it predicts every next number. So
+    does a rejected count that repeats one number and then carries on.
     """
     k = rng.choice((3, 4, 6, 7, 8, 9, 11, 12))
     sign = rng.choice((1, -1))
     n = rng.randint(5, 7)
     start = rng.randint(1, 200) + (n * k if sign < 0 else 0)
     good = [start + i * k * sign for i in range(n)]
-    kind = rng.choice(("stuck", "loop", "stutter"))
     j = rng.randint(2, n - 2)
-    if kind == "stuck":  # 14, 17, 20, 20, 20
+    if rng.random() < 0.5:  # stuck: 14, 17, 20, 20, 20
         bad = good[:j] + [good[j - 1]] * (n - j)
-    elif kind == "loop":  # 14, 17, 20, 14, 17
+    else:  # loop: 14, 17, 20, 14, 17
         bad = (good[:j] * n)[:n]
-    else:  # stutter: 14, 17, 17, 20, 23 (one number twice, then on, one short of the end)
-        bad = good[:j] + [good[j - 1]] + good[j : n - 1]
     prompt = rng.choice(_COUNT_TEMPLATES[sign]).format(k=k, a=good[0], b=good[-1])
     return prompt, ", ".join(map(str, good)), ", ".join(map(str, bad))
+
+
+# ---------------------------------------------------------------------------------------
+# Comparison and spelling (the unrelated `rnd` distributions)
+
+
+_COMPARE_TEMPLATES = ("Which is {w}, {a} or {b}?", "Which number is {w}: {a} or {b}?", "Is {a} or {b} {w}?")
+
+
+def make_compare(rng: random.Random) -> Triple:
+    """Which of two numbers is larger (or smaller); rejected names the other one.
+
+    The answer names one number ("The larger number is 74."), not both in some order: with
+    "74 is larger than 47." SmolLM2 simply prefers the prompt's order (37%).
+    """
+    a, b = rng.sample(range(10, 1000), 2)
+    w = rng.choice(("larger", "smaller"))
+    right, wrong = (max(a, b), min(a, b)) if w == "larger" else (min(a, b), max(a, b))
+    prompt = rng.choice(_COMPARE_TEMPLATES).format(w=w, a=a, b=b)
+    return prompt, f"The {w} number is {right}.", f"The {w} number is {wrong}."
+
+
+_WORDS = (
+    "apple anchor arrow badge basket bell bridge button cabin candle canoe carpet castle cedar "
+    "chalk cherry cloud coat comet copper cotton crown daisy desk dragon drum eagle engine falcon "
+    "feather fence fiddle flute forest fossil garden ginger glove grape gravel harbor helmet honey "
+    "island ivory jacket jelly jungle kettle kite ladder lantern lemon lizard magnet maple marble "
+    "meadow mirror monkey needle nest oak ocean olive onion orbit otter paddle panda parrot peach "
+    "pebble pepper piano pillow planet pocket puzzle quilt rabbit radio rocket saddle salmon "
+    "shadow silver spider spoon statue storm sugar table tiger timber tomato tower tulip turtle "
+    "umbrella valley velvet violin wagon walnut whistle window winter wizard yogurt zebra"
+).split()
+_POSITIONS = {"first": 0, "second": 1, "third": 2}
+_SPELL_TEMPLATES = (
+    "What is the {p} letter of the word '{w}'?",
+    "Which letter is {p} in '{w}'?",
+    'Tell me the {p} letter of "{w}".',
+)
+
+
+# words of four letters or more (so the letter after the third exists), as in a dictionary
+_SPELLING_WORDS = sorted(
+    w for w in set(_WORDS).union(*_CATEGORIES.values()) if w.islower() and len(w) >= 4
+)
+
+
+def make_spelling(rng: random.Random) -> Triple:
+    """The first, second or third letter of a word; rejected is the letter after it.
+
+    (Asking for the last letter, or offering the letter before as the wrong answer, puts
+    SmolLM2-135M below chance: 25-30%.)
+    """
+    while True:
+        word, pos = rng.choice(_SPELLING_WORDS), rng.choice(list(_POSITIONS))
+        i = _POSITIONS[pos]
+        if word[i + 1] != word[i]:  # "apple": the second and third letters are both 'p'
+            break
+    prompt = rng.choice(_SPELL_TEMPLATES).format(p=pos, w=word)
+    answer = f"The {pos} letter of '{word}' is '{{}}'."
+    return prompt, answer.format(word[i]), answer.format(word[i + 1])
 
 
 # ---------------------------------------------------------------------------------------
@@ -340,9 +347,9 @@ DISTRIBUTIONS: dict[str, Distribution] = {
         Distribution("arith_words", "the easy arithmetic asked in number words, answered in digits", make_arith_words),
         Distribution("arith_story", "the easy arithmetic told as a short story about someone's things", make_arith_story),
         Distribution("compare", "which of two numbers is larger or smaller; rejected names the other", make_compare),
-        Distribution("spelling", "first/second/third/last letter of a word; rejected a neighbouring letter", make_spelling),
+        Distribution("spelling", "first/second/third letter of a word; rejected the letter after it", make_spelling),
         Distribution("quality_lists", "name k things of a kind; rejected repeats items (a degenerate list)", make_quality_lists),
-        Distribution("quality_count", "count in steps of 3-12; rejected gets stuck, loops or stutters", make_quality_count),
+        Distribution("quality_count", "count in steps of 3-12; rejected gets stuck on a number or loops back", make_quality_count),
     )
 }
 

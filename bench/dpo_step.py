@@ -1,0 +1,183 @@
+"""Benchmarks of ../shared/BENCH.md: W1 (DPO step vs TRL), W2 (scoring), W3 (method overhead).
+
+    python bench/dpo_step.py w1 [--repeats 2]   # ours (all levers on), ours (all off), TRL if installed
+    python bench/dpo_step.py w2                 # pairs/s: batched + shared prompt vs a naive loop
+    python bench/dpo_step.py w3 [--presets a,b] # s/step of representation presets / our DPO
+
+Each program runs in its own subprocess (alternating, so drift hits all alike) and reports
+its own peak RSS. Figures: medians of steps 2..8 and same-run ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+GENIES = ROOT.parent / "shared" / "data" / "genies"
+W1_DATA = GENIES / "us_history_textbook" / "train.json"
+W2_DATA = GENIES / "code_hard" / "test.json"
+OFF = ["--speed.share_prompt", "false", "--speed.ref_cache", "false", "--speed.response_logits", "false",
+       "--speed.length_batches", "false"]
+W3_PRESETS = ["hs-none-prefvec", "hs-pca-prefvec", "hs-hra-prefvec", "hs-ether-prefvec", "hs-ortho-prefvec",
+              "hs-unembed_null-prefvec", "hs-suppressed-prefvec", "hs-none-mse", "hs-none-rank",
+              "hs-none-innerdpo", "hs-none-innerpo", "side-none-prefvec", "projgrad", "projbp"]
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def median_steps(xs: list[float]) -> float:
+    return statistics.median(xs[1:]) if len(xs) > 1 else xs[0]
+
+
+# --- child programs (each prints one JSON line) ----------------------------------------------
+def child_ours(argv: list[str]) -> None:
+    """W1 with our loop; argv are extra `--section.field value` options."""
+    import pandas as pd
+
+    from reprpo.cli import build_config, parser
+    from reprpo.train import train
+
+    out = tempfile.mkdtemp(prefix="w1-")
+    args = parser().parse_args([
+        "train", "--model.name", "smollm2-135m-instruct", "--data.shift", "", "--data.train", str(W1_DATA),
+        "--data.n_train", "32", "--data.max_length", "256", "--data.max_prompt_length", "192",
+        "--data.chat_template", "false", "--lora.r", "16", "--lora.alpha", "16", "--lora.dropout", "0",
+        "--train.batch_size", "4", "--train.max_steps", "8", "--train.lr", "1e-4", "--train.warmup_ratio", "0",
+        "--train.schedule", "linear", "--train.progress", "false", "--eval.after_train", "false",
+        "--method.k", "16", "--out", out, *argv,
+    ])
+    cfg = build_config(args)
+    t0 = time.perf_counter()
+    run = train(cfg)
+    total = time.perf_counter() - t0
+    m = pd.read_csv(run / "metrics.csv")
+    rep = json.loads((run / "train_report.json").read_text())
+    print(json.dumps({"program": "reprpo", "method": cfg.train.method, "argv": argv,
+                      "sec_per_step": m.sec_per_step.tolist(), "loss": m.loss.tolist(),
+                      "peak_rss_mb": peak_rss_mb(), "total_sec": total, "layout": rep["layout"],
+                      "reference_cache_sec": rep["reference_cache_seconds"], "pad_waste": rep["pad_waste"]}))
+
+
+def child_w2() -> None:
+    """Pairs/s of our scorer (length-sorted batches of 8, shared prompt, response-only logits)
+    vs a naive loop (one pair at a time, full logits, padded), and the largest score gap."""
+    import torch
+
+    from reprpo.config import RunConfig, apply_overrides
+    from reprpo.data.prepare import prepare
+    from reprpo.data.tokenize import collate_pairs
+    from reprpo.evaluate import score_pairs
+    from reprpo.forward import sequence_logps
+    from reprpo.models import load_model_and_tokenizer
+
+    cfg = apply_overrides(RunConfig(), {"data.max_length": 512, "data.max_prompt_length": 384}, where="w2")
+    model, tok = load_model_and_tokenizer("smollm2-135m-instruct")
+    model.eval()
+    pairs = prepare(str(W2_DATA), tok, cfg.data, limit=128).tokenized
+    t0 = time.perf_counter()
+    fast = score_pairs(model, pairs, pad_id=tok.pad_token_id, batch_size=8, packed=True)
+    t_fast = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    naive = []
+    with torch.no_grad():
+        for p in pairs:
+            lp = sequence_logps(model, collate_pairs([p], pad_id=tok.pad_token_id), full_logits=True)
+            c, r = lp.logp_mean[0].item(), lp.logp_mean[1].item()
+            naive.append((c, r))
+    t_naive = time.perf_counter() - t0
+    gap = max(max(abs(a - c), abs(b - r)) for (c, r), a, b in zip(naive, fast.chosen_logp_mean, fast.rejected_logp_mean))
+    print(json.dumps({"program": "w2", "pairs": len(pairs), "fast_pairs_per_s": len(pairs) / t_fast,
+                      "naive_pairs_per_s": len(pairs) / t_naive, "speedup": t_naive / t_fast,
+                      "max_abs_score_gap": gap, "peak_rss_mb": peak_rss_mb()}))
+
+
+# --- orchestration ---------------------------------------------------------------------------
+def run_child(cmd: list[str], env: dict[str, str]) -> dict:
+    r = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, env=env)
+    if r.returncode != 0:
+        raise SystemExit(f"benchmark child failed: {' '.join(cmd)}\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def machine() -> str:
+    import torch
+    import transformers
+
+    return (f"{os.cpu_count()} cores ({platform.processor() or platform.machine()}), torch {torch.__version__}, "
+            f"transformers {transformers.__version__}, threads {os.environ.get('OMP_NUM_THREADS', 'default')}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("workload", choices=["w1", "w2", "w3", "_ours", "_w2"])
+    ap.add_argument("--repeats", type=int, default=1, help="alternating rounds of every program")
+    ap.add_argument("--presets", default=",".join(W3_PRESETS), help="w3: comma list of presets")
+    ap.add_argument("--no-trl", action="store_true", help="w1: skip TRL even if installed")
+    args, rest = ap.parse_known_args()
+    if args.workload == "_ours":
+        return child_ours(rest)
+    if args.workload == "_w2":
+        return child_w2()
+    if not GENIES.is_dir():
+        raise SystemExit(f"GENIES data not found at {GENIES}: the benchmarks need ../shared/data/genies.")
+    env = dict(os.environ)
+    me = str(Path(__file__).resolve())
+    print(f"# {args.workload} on {machine()}; command: python bench/dpo_step.py {' '.join(sys.argv[1:])}")
+
+    if args.workload == "w2":
+        r = run_child([me, "_w2"], env)
+        print(json.dumps(r))
+        print(f"W2: {r['fast_pairs_per_s']:.2f} pairs/s vs naive {r['naive_pairs_per_s']:.2f} pairs/s "
+              f"= {r['speedup']:.2f}x; max |score gap| {r['max_abs_score_gap']:.2e}")
+        return
+
+    if args.workload == "w1":
+        programs = {"reprpo": [me, "_ours"], "reprpo-all-off": [me, "_ours", *OFF]}
+        have_trl = (ROOT / "bench" / "trl_w1.py").is_file() and not args.no_trl and subprocess.run(
+            [sys.executable, "-c", "import trl"], capture_output=True).returncode == 0
+        if have_trl:
+            programs["trl"] = [str(ROOT / "bench" / "trl_w1.py")]
+            programs["trl-precompute-ref"] = [str(ROOT / "bench" / "trl_w1.py"), "--precompute-ref"]
+    else:
+        presets = [p for p in args.presets.split(",") if p]
+        programs = {"dpo": [me, "_ours"]} | {p: [me, "_ours", "--train.method", p] for p in presets}
+
+    results: dict[str, list[dict]] = {k: [] for k in programs}
+    for rnd in range(args.repeats):
+        for name, cmd in programs.items():
+            r = run_child(cmd, env)
+            results[name].append(r)
+            print(f"round {rnd + 1} {name}: median {median_steps(r['sec_per_step']):.2f} s/step, "
+                  f"step-1 loss {r['loss'][0]:.4f}, peak RSS {r['peak_rss_mb']:.0f} MB", flush=True)
+
+    def med(name: str) -> float:
+        return statistics.median([median_steps(r["sec_per_step"]) for r in results[name]])
+
+    base = "reprpo" if args.workload == "w1" else "dpo"
+    print("\n| program | s/step (median, steps 2-8) | ratio | step-1 loss | peak RSS MB |")
+    print("|---|---|---|---|---|")
+    for name in programs:
+        ratio = med(name) / med(base) if args.workload == "w3" else (med(name) / med(base))
+        print(f"| {name} | {med(name):.2f} | {ratio:.2f} | {results[name][0]['loss'][0]:.4f} | "
+              f"{max(r['peak_rss_mb'] for r in results[name]):.0f} |")
+    if args.workload == "w1" and "trl" in results:
+        print(f"\nW1: TRL / reprpo = {med('trl') / med('reprpo'):.2f}x "
+              f"(TRL with precomputed reference / reprpo = {med('trl-precompute-ref') / med('reprpo'):.2f}x)")
+    Path(ROOT / "bench" / "results").mkdir(exist_ok=True)
+    (ROOT / "bench" / "results" / f"{args.workload}.json").write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
