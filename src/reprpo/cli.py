@@ -99,6 +99,68 @@ def cmd_shifts(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from reprpo.report import render_report
+
+    out = Path(args.out) if args.out else Path(args.store).parent / "report"
+    print(render_report(args.store, out))
+    print(f"report written to {out / 'report.md'} and {out / 'report.html'}")
+    return 0
+
+
+def cmd_tune(args) -> int:
+    from reprpo.tune import run_tune
+
+    base: dict = {}
+    if args.config:  # nested YAML sections -> dotted keys
+        for k, v in load_yaml(args.config).items():
+            base |= {f"{k}.{k2}": v2 for k2, v2 in v.items()} if isinstance(v, dict) else {k: v}
+    base |= {k: v for k, v in (("data.n_train", args.n_train), ("data.n_eval", args.n_eval), ("train.max_steps", args.steps)) if v is not None}
+    base |= overrides_from_args(args)
+    run_tune(args.method, shift=args.shift, trials=args.trials, base=base, storage_path=args.store,
+             study_name=args.study or "", out=args.out, keep_adapters=args.keep_adapters)
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from reprpo import store
+    from reprpo.compare import load_params, run_grid, split_list
+
+    base = build_config(args, base=RunConfig())  # YAML, then --section.field options
+    shortcuts = {"data.n_train": args.n_train, "data.n_eval": args.n_eval, "train.max_steps": args.steps}
+    apply_overrides(base, {k: v for k, v in shortcuts.items() if v is not None}, where="command line")
+    out = Path(args.out)
+    store_path = Path(args.store) if args.store else out / "results.sqlite"
+    try:
+        seeds = [int(s) for s in split_list(args.seeds)]
+    except ValueError as e:
+        raise ReprpoError(f"--seeds {args.seeds!r}: expected comma-separated integers, e.g. 1,2,3.") from e
+    from reprpo.tune import check_not_reported
+
+    for item in args.params or []:  # tuned params must come from a shift that is not reported
+        check_not_reported(item.split("=", 1)[-1].strip(), split_list(args.shifts))
+    ids = run_grid(methods=split_list(args.methods), shifts=split_list(args.shifts), seeds=seeds, base=base,
+                   store_path=store_path, out_root=out, overrides=load_params(args.params or []),
+                   fail_fast=args.fail_fast)
+    try:
+        from reprpo.report import render_report
+    except ImportError:
+        render_report = None
+    if args.no_report:
+        render_report = None
+    if render_report is not None:
+        try:
+            print(render_report(store_path, store_path.parent / "report"))
+        except Exception as e:  # the runs are safe in the store; the report can be redone
+            print(f"reprpo: report failed ({type(e).__name__}: {e}); rerun `reprpo report --store {store_path}`", file=sys.stderr)
+    con = store.connect(store_path)
+    failed = [r for r, status in store.run_statuses(con, ids).items() if status == "failed"]
+    con.close()
+    if failed:
+        print(f"{len(failed)} run(s) failed; errors in the store (runs.error). Rerun the same command to retry them.", file=sys.stderr)
+    return 1 if failed else 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="reprpo", description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -137,6 +199,45 @@ def parser() -> argparse.ArgumentParser:
     sl = ssub.add_parser("list", help="list shifts of the built-in suite or of a shifts.json")
     sl.add_argument("source", nargs="?", default="builtin", help="`builtin` or PATH/shifts.json")
     sl.set_defaults(func=cmd_shifts)
+    c = sub.add_parser("compare", help="train and score a grid of methods x shifts x seeds into a results store",
+                       description="Train and score every (method, shift, seed) into a SQLite results store. Resumable: runs already done are skipped; runs left running by a killed process, or failed, are redone. Several processes may share one store. Config: defaults < method preset < --config YAML < --section.field options and shortcuts < --params METHOD=FILE.yaml < the grid's shift, seed, method.",
+                       epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
+    c.add_argument("--methods", required=True, help="comma-separated method presets, e.g. dpo,hs-pca-prefvec")
+    c.add_argument("--shifts", default="builtin:difficulty", help="comma-separated shifts: builtin:NAME (or just NAME) or PATH/shifts.json:NAME (default: %(default)s)")
+    c.add_argument("--seeds", default="1,2,3", help="comma-separated seeds (default: %(default)s)")
+    c.add_argument("--out", default="runs/compare", help="run directories go to OUT/RUN_ID (default: %(default)s)")
+    c.add_argument("--store", help="results store (default: OUT/results.sqlite)")
+    c.add_argument("--config", help="YAML base config (sections model, data, lora, train, method, eval)")
+    c.add_argument("--params", action="append", metavar="METHOD=FILE.yaml", help="per-method config overrides (dotted keys -> values, e.g. from `reprpo tune`); repeatable")
+    c.add_argument("--n-train", type=int, help="shortcut for --data.n_train")
+    c.add_argument("--n-eval", type=int, help="shortcut for --data.n_eval")
+    c.add_argument("--steps", type=int, help="shortcut for --train.max_steps")
+    c.add_argument("--fail-fast", action="store_true", help="stop at the first failing run (default: mark it failed and go on)")
+    c.add_argument("--no-report", action="store_true", help="do not render the report (STORE_DIR/report) at the end")
+    add_config_arguments(c)
+    c.set_defaults(func=cmd_compare)
+    r = sub.add_parser("report", help="tables and plots from a results store",
+                       description="Re-render report.md, report.html and PNGs from a results store (runs with status done) and print the markdown: Δ in pp with 95% CIs over seeds, paired differences vs DPO, transfer, coherence, training curves.")
+    r.add_argument("--store", default="runs/compare/results.sqlite", help="results store (SQLite) written by `reprpo compare` (default: %(default)s)")
+    r.add_argument("--out", help="output directory (default: STORE_DIR/report)")
+    r.set_defaults(func=cmd_report)
+
+    tu = sub.add_parser("tune", help="hyper-parameter search on a validation shift (optuna)",
+                        description="Tune a method's hyper-parameters with optuna (resumable SQLite study). Objective: oos accuracy gain (adapter - base, pp) on the VALIDATION shift, which must never be a reported shift. Trials whose in-sample (train split) gain is below the median are pruned before the oos scoring. Writes OUT/best_params_METHOD.yaml (dotted keys, for `reprpo compare --params METHOD=FILE`).",
+                        epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
+    tu.add_argument("method", help="method preset; its search space is listed in reprpo.tune.SEARCH_SPACES")
+    tu.add_argument("--shift", required=True, help="validation shift (builtin:NAME or PATH/shifts.json:NAME); recorded as validated_on")
+    tu.add_argument("--trials", type=int, required=True, help="finished trials the study should hold; a rerun resumes and adds the missing ones")
+    tu.add_argument("--store", default="runs/tune/optuna.sqlite", help="optuna SQLite storage (default: %(default)s)")
+    tu.add_argument("--study", help="study name (default: METHOD@SHIFT)")
+    tu.add_argument("--out", default="runs/tune", help="trial runs and best_params_METHOD.yaml go here (default: %(default)s)")
+    tu.add_argument("--config", help="YAML base config (sections model, data, lora, train, method, eval)")
+    tu.add_argument("--n-train", type=int, help="shortcut for --data.n_train")
+    tu.add_argument("--n-eval", type=int, help="shortcut for --data.n_eval")
+    tu.add_argument("--steps", type=int, help="shortcut for --train.max_steps")
+    tu.add_argument("--keep-adapters", action="store_true", help="keep each trial's adapter weights (deleted after scoring by default)")
+    add_config_arguments(tu)
+    tu.set_defaults(func=cmd_tune)
     return p
 
 

@@ -3,18 +3,30 @@
 Schema (the contract between `compare`, `report` and `tune`):
 
 runs         one row per (method, shift, seed, settings): run_id is a hash of the resolved
-             config minus output paths; status 'running' | 'done' | 'failed'.
+             config minus output paths; status 'running' | 'done' | 'failed'; added later
+             (by `connect`): owner (host:pid:start), eval_seconds.
 split_scores per run, split and model ('base' | 'adapter'): n, accuracy, margin, chosen_ppl.
 pair_scores  per run, split, model and pair: log-prob sums/means, tokens, margin, correct.
 curves       per run, step and metric key: the training log (metrics.csv) as rows.
 coherence    per run and model: greedy-generation checks (repetition, distinct_n, ...).
 
-WAL mode and a busy timeout let several processes write at once without losing rows.
+WAL mode and a busy timeout let several processes write at once without losing rows; every
+write is one `BEGIN IMMEDIATE` transaction (`transaction`), so a run's rows land all or none.
+
+Claiming (`claim_run`): a process marks a run 'running' with `owner` = host:pid:start-time
+before training it. A 'done' run is skipped; a 'running' run whose owner is alive is someone
+else's; a 'failed' run, or a 'running' one whose owner is dead (a killed process), is redone,
+its partial rows deleted first.
 """
 
 from __future__ import annotations
 
+import os
+import socket
 import sqlite3
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 SCHEMA = """
@@ -69,6 +81,23 @@ CREATE TABLE IF NOT EXISTS coherence (
 """
 
 
+# columns added after the first schema: (table, column, type); `connect` adds missing ones
+ADDED_COLUMNS = (
+    ("runs", "owner", "TEXT"),           # host:pid:start of the process that claimed the run
+    ("runs", "eval_seconds", "REAL"),    # scoring + generation check
+)
+RESULT_TABLES = ("split_scores", "pair_scores", "curves", "coherence")
+# result columns after run_id, in the order `finish_run` takes row tuples
+COLUMNS = {
+    "split_scores": ("split", "model", "n", "accuracy", "margin", "chosen_ppl"),
+    "pair_scores": ("split", "model", "pair", "chosen_logp_sum", "rejected_logp_sum",
+                    "chosen_tokens", "rejected_tokens", "chosen_logp_mean", "rejected_logp_mean",
+                    "margin", "margin_sum", "correct"),
+    "curves": ("step", "key", "value"),
+    "coherence": ("model", "metric", "value"),
+}
+
+
 def connect(path: str | Path) -> sqlite3.Connection:
     """Open (and create) a store; safe for several writer processes."""
     p = Path(path)
@@ -77,4 +106,133 @@ def connect(path: str | Path) -> sqlite3.Connection:
     con.execute("PRAGMA journal_mode=WAL")
     con.execute("PRAGMA busy_timeout=60000")
     con.executescript(SCHEMA)
+    with transaction(con):  # serialised, so two processes never both add a column
+        for table, column, typ in ADDED_COLUMNS:
+            have = {r[1] for r in con.execute(f"PRAGMA table_info({table})")}
+            if column not in have:
+                con.execute(f"ALTER TABLE {table} ADD COLUMN {column} {typ}")
     return con
+
+
+@contextmanager
+def transaction(con: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """`BEGIN IMMEDIATE` ... COMMIT (ROLLBACK on error): takes the write lock up front, so a
+    read-then-write inside cannot race another process."""
+    con.execute("BEGIN IMMEDIATE")
+    try:
+        yield con
+    except BaseException:
+        con.rollback()
+        raise
+    con.commit()
+
+
+# -- run ownership ---------------------------------------------------------------------------
+def _proc_stat(pid: int) -> tuple[str, str]:
+    """(state, start time in clock ticks since boot) from Linux /proc; ('', '') where unknown.
+    The start time is stored with the pid so that a recycled pid is not taken for the owner."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return "", ""
+    fields = stat.rsplit(")", 1)[1].split()  # fields 3.. (after the command name)
+    return fields[0], fields[19]  # field 3 state, field 22 starttime
+
+
+def owner_id(pid: int | None = None) -> str:
+    """`host:pid:start` of this process (or of `pid` on this host)."""
+    pid = os.getpid() if pid is None else pid
+    return f"{socket.gethostname()}:{pid}:{_proc_stat(pid)[1]}"
+
+
+def owner_alive(owner: str | None) -> bool:
+    """Is the process named by `owner` still running? Other hosts' processes count as alive
+    (we cannot look); ours are checked by pid and start time."""
+    if not owner:
+        return False
+    try:
+        host, pid_s, start = owner.rsplit(":", 2)
+        pid = int(pid_s)
+    except ValueError:
+        return False
+    if host != socket.gethostname():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # exists, owned by another user
+    state, now = _proc_stat(pid)
+    return state != "Z" and (not start or not now or start == now)  # a zombie is dead
+
+
+# -- writes ----------------------------------------------------------------------------------
+def delete_run_rows(con: sqlite3.Connection, run_id: str) -> None:
+    """Remove a run's result rows (call inside `transaction`)."""
+    for table in RESULT_TABLES:
+        con.execute(f"DELETE FROM {table} WHERE run_id = ?", (run_id,))
+
+
+def claim_run(con: sqlite3.Connection, *, run_id: str, method: str, shift: str, seed: int,
+              config_json: str, out_dir: str, owner: str) -> str:
+    """Atomically take a run: 'claimed' (now ours, partial rows of an earlier attempt deleted),
+    'done' (finished before; skip) or 'busy' (running in another live process; skip)."""
+    with transaction(con):
+        row = con.execute("SELECT status, owner FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+        if row is not None:
+            status, prev = row
+            if status == "done":
+                return "done"
+            if status == "running" and prev != owner and owner_alive(prev):
+                return "busy"
+        delete_run_rows(con, run_id)
+        con.execute(
+            "INSERT OR REPLACE INTO runs (run_id, method, shift, seed, status, config_json, out_dir, "
+            "error, train_seconds, eval_seconds, created, finished, owner) "
+            "VALUES (?, ?, ?, ?, 'running', ?, ?, NULL, NULL, NULL, ?, NULL, ?)",
+            (run_id, method, shift, seed, config_json, out_dir, time.time(), owner),
+        )
+    return "claimed"
+
+
+def finish_run(
+    con: sqlite3.Connection, *, run_id: str, owner: str,
+    split_rows: Iterable[tuple], pair_rows: Iterable[tuple], curve_rows: Iterable[tuple],
+    coherence_rows: Iterable[tuple], train_seconds: float, eval_seconds: float,
+) -> bool:
+    """In one transaction: write a run's results and mark it 'done'. Rows are tuples in table
+    column order without run_id. False (nothing written) if `owner` no longer holds the run."""
+    with transaction(con):
+        row = con.execute("SELECT status, owner FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+        if row is None or row != ("running", owner):
+            return False
+        delete_run_rows(con, run_id)
+        for table, rows in (("split_scores", split_rows), ("pair_scores", pair_rows),
+                            ("curves", curve_rows), ("coherence", coherence_rows)):
+            cols = ", ".join(("run_id",) + COLUMNS[table])
+            marks = ", ".join("?" * (len(COLUMNS[table]) + 1))
+            con.executemany(f"INSERT OR REPLACE INTO {table} ({cols}) VALUES ({marks})",
+                            [(run_id, *r) for r in rows])
+        con.execute(
+            "UPDATE runs SET status = 'done', error = NULL, train_seconds = ?, eval_seconds = ?, "
+            "finished = ? WHERE run_id = ?", (train_seconds, eval_seconds, time.time(), run_id),
+        )
+    return True
+
+
+def fail_run(con: sqlite3.Connection, *, run_id: str, owner: str, error: str) -> None:
+    """Mark our run 'failed' with the error text (its partial rows go when it is redone)."""
+    with transaction(con):
+        con.execute("UPDATE runs SET status = 'failed', error = ?, finished = ? WHERE run_id = ? AND owner = ?",
+                    (error, time.time(), run_id, owner))
+
+
+# -- reads -----------------------------------------------------------------------------------
+def run_statuses(con: sqlite3.Connection, run_ids: Iterable[str]) -> dict[str, str]:
+    """{run_id: status} of the given runs that are in the store."""
+    ids = list(run_ids)
+    if not ids:
+        return {}
+    marks = ", ".join("?" * len(ids))
+    return dict(con.execute(f"SELECT run_id, status FROM runs WHERE run_id IN ({marks})", ids).fetchall())

@@ -1,0 +1,104 @@
+"""Greedy-generation coherence check: does the adapter still write varied, non-looping text?
+
+repetition = 1 − Σ_g |uniq 3-grams(g)| / Σ_g |3-grams(g)|  (0 = no 3-gram repeats within a generation)
+distinct_n = |∪_g n-grams(g)| / Σ_g |n-grams(g)|            (Li et al. 2016, "distinct-n", corpus level)
+mean_length = mean generated tokens per prompt (up to, not counting, EOS)
+
+All counts are over token ids. Ours: DESIGN §6 asks for "a generation check on a few prompts
+(repetition / distinct-n)"; the definitions above are the common ones. Ratios with no n-grams
+to count (every generation shorter than n) are 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from reprpo.data.tokenize import format_prompt
+from reprpo.forward import adapter_disabled
+
+N_PROMPTS = 4
+MAX_NEW_TOKENS = 32
+
+
+def ngrams(tokens: Sequence[int], n: int) -> list[tuple[int, ...]]:
+    return [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+
+
+def ngram_metrics(generations: Sequence[Sequence[int]]) -> dict[str, float]:
+    """repetition, distinct_1, distinct_2 and mean_length of generated token-id lists."""
+    out: dict[str, float] = {}
+    tri = [ngrams(g, 3) for g in generations]
+    total3 = sum(len(t) for t in tri)
+    repeated3 = sum(len(t) - len(set(t)) for t in tri)  # within each generation
+    out["repetition"] = repeated3 / total3 if total3 else 0.0
+    for n in (1, 2):
+        grams = [x for g in generations for x in ngrams(g, n)]
+        out[f"distinct_{n}"] = len(set(grams)) / len(grams) if grams else 0.0
+    out["mean_length"] = sum(len(g) for g in generations) / len(generations) if generations else 0.0
+    return out
+
+
+@torch.no_grad()
+def generate_greedy(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, chat_template: bool,
+                    max_prompt_length: int | None = None) -> list[list[int]]:
+    """Greedy continuation token ids of each prompt (one prompt at a time: no padding effects),
+    cut at the first EOS."""
+    from transformers import GenerationConfig
+
+    device = next(model.parameters()).device
+    eos = tokenizer.eos_token_id
+    gcfg = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=eos,
+                            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos)
+    out = []
+    for prompt in prompts:
+        text = format_prompt(tokenizer, prompt, chat_template=chat_template)
+        ids = tokenizer(text, add_special_tokens=not chat_template)["input_ids"]  # as tokenize_pairs does
+        if max_prompt_length:
+            ids = ids[-max_prompt_length:]
+        x = torch.tensor([ids], device=device)  # (1, t)
+        y = model.generate(input_ids=x, attention_mask=torch.ones_like(x), generation_config=gcfg)
+        gen = y[0, x.shape[1] :].tolist()
+        if eos is not None and eos in gen:
+            gen = gen[: gen.index(eos)]
+        out.append(gen)
+    return out
+
+
+def generation_check(model, tokenizer, prompts: list[str], *, max_new_tokens: int = MAX_NEW_TOKENS,
+                     chat_template: bool, max_prompt_length: int | None = None) -> dict[str, float]:
+    """Greedy-generate from `prompts` with `model` as it is (adapter on or off is the caller's
+    choice) and return `ngram_metrics` of the continuations."""
+    was_training = model.training
+    model.eval()
+    try:
+        gens = generate_greedy(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
+                               chat_template=chat_template, max_prompt_length=max_prompt_length)
+    finally:
+        model.train(was_training)
+    return ngram_metrics(gens)
+
+
+def run_coherence(cfg, *, adapter_dir, n_prompts: int = N_PROMPTS,
+                  max_new_tokens: int = MAX_NEW_TOKENS) -> dict[str, dict[str, float]]:
+    """{'base': metrics, 'adapter': metrics} on the first `n_prompts` prompts of the config's
+    `test` split (else its first eval split); base = the same model with the adapter off."""
+    from peft import PeftModel
+
+    from reprpo.data.readers import load_pairs
+    from reprpo.models import load_model_and_tokenizer
+    from reprpo.shifts import data_sources
+
+    model, tok = load_model_and_tokenizer(cfg.model.name, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
+    model = PeftModel.from_pretrained(model, str(adapter_dir))
+    device = "cuda" if torch.cuda.is_available() and cfg.train.device in ("auto", "cuda") else "cpu"
+    model.to(device).eval()
+    _, splits = data_sources(shift=cfg.data.shift, train=cfg.data.train, eval_splits=cfg.data.eval)
+    source = splits.get("test") or next(iter(splits.values()))
+    pairs, _ = load_pairs(source, pairing=cfg.data.pairing, tokenizer=tok, limit=n_prompts)
+    prompts = [p.prompt for p in pairs]
+    kw = dict(max_new_tokens=max_new_tokens, chat_template=cfg.data.chat_template, max_prompt_length=cfg.data.max_prompt_length)
+    with adapter_disabled(model):
+        base = generation_check(model, tok, prompts, **kw)
+    return {"base": base, "adapter": generation_check(model, tok, prompts, **kw)}

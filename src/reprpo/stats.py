@@ -1,0 +1,194 @@
+"""Statistics over per-run numbers: Δ in percentage points, mean ± 95% CI over seeds, paired
+differences vs DPO, transfer Δoos/Δtest, geometric means (DESIGN §6).
+
+Pure functions of plain numbers (no store, no pandas). Conventions:
+- accuracies are fractions in [0, 1]; every Δ is in percentage points (pp), 100·(acc − acc_base),
+  never a ratio (differs: the earlier reprpo tables printed a ratio labelled "pp");
+- a confidence interval is returned as its half width h: the interval is mean ± h, with
+  h = t_{(1+level)/2, n−1} · s / √n (Student t, s the sample standard deviation, n − 1 dof);
+- non-finite inputs (nan, ±inf: e.g. an undefined transfer ratio) are left out and `n` counts
+  only the finite values used, so a caller can show "n of N".
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable, Iterable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+# --------------------------------------------------------------------------- Student t quantile
+
+
+def _betacf(a: float, b: float, x: float) -> float:
+    """Continued fraction of the regularised incomplete beta function (modified Lentz)."""
+    tiny, eps = 1e-300, 1e-15
+    qab, qap, qam = a + b, a + 1.0, a - 1.0
+    c, d = 1.0, 1.0 - qab * x / qap
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 500):
+        m2 = 2 * m
+        aa = m * (b - m) * x / ((qam + m2) * (a + m2))
+        d = 1.0 + aa * d
+        d = 1.0 / (d if abs(d) > tiny else tiny)
+        c = 1.0 + aa / c
+        c = c if abs(c) > tiny else tiny
+        h *= d * c
+        aa = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))
+        d = 1.0 + aa * d
+        d = 1.0 / (d if abs(d) > tiny else tiny)
+        c = 1.0 + aa / c
+        c = c if abs(c) > tiny else tiny
+        delta = d * c
+        h *= delta
+        if abs(delta - 1.0) < eps:
+            break
+    return h
+
+
+def _betainc(a: float, b: float, x: float) -> float:
+    """I_x(a, b), the regularised incomplete beta function, for 0 <= x <= 1."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    lbeta = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)
+    front = math.exp(lbeta + a * math.log(x) + b * math.log1p(-x))
+    if x < (a + 1.0) / (a + b + 2.0):
+        return front * _betacf(a, b, x) / a
+    return 1.0 - front * _betacf(b, a, 1.0 - x) / b
+
+
+def t_cdf(t: float, dof: float) -> float:
+    """P(T <= t) for Student's t with `dof` degrees of freedom: 1 − ½ I_{ν/(ν+t²)}(ν/2, ½) for t ≥ 0."""
+    tail = 0.5 * _betainc(dof / 2.0, 0.5, dof / (dof + t * t))
+    return 1.0 - tail if t >= 0 else tail
+
+
+def t_quantile(p: float, dof: float) -> float:
+    """The p-quantile of Student's t (inverse of `t_cdf`), by bisection to 1e-12.
+
+    t_quantile(0.975, 2) = 4.302653 (closed form for ν=2: t = (2p−1)/√(2p(1−p)) = 0.95/√0.04875);
+    t_quantile(0.975, 1) = tan(π(p − ½)) = 12.706205. Our own so that scipy is not a dependency."""
+    if not 0.0 < p < 1.0:
+        raise ValueError(f"t_quantile: p must be in (0, 1), got {p}")
+    if dof <= 0:
+        raise ValueError(f"t_quantile: dof must be > 0, got {dof}")
+    if p == 0.5:
+        return 0.0
+    if p < 0.5:
+        return -t_quantile(1.0 - p, dof)
+    lo, hi = 0.0, 1.0
+    while t_cdf(hi, dof) < p:  # bracket
+        lo, hi = hi, hi * 2.0
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if t_cdf(mid, dof) < p:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo < 1e-12 * max(1.0, hi):
+            break
+    return 0.5 * (lo + hi)
+
+
+# --------------------------------------------------------------------------- per-run quantities
+
+
+def delta_pp(acc: float, acc_base: float) -> float:
+    """Δ = 100·(acc − acc_base), in percentage points. delta_pp(0.62, 0.50) = 12.0 (not 24% or 1.24)."""
+    return 100.0 * (acc - acc_base)
+
+
+def margin_gain(margin: float, margin_base: float) -> float:
+    """Reward-margin change adapter − base of the mean margin ℓ̄⁺ − ℓ̄⁻ (nats per token)."""
+    return margin - margin_base
+
+
+def ppl_ratio(ppl: float, ppl_base: float) -> float:
+    """Chosen-response perplexity ratio adapter/base; > 1 means the adapter finds good answers less likely."""
+    return ppl / ppl_base
+
+
+def transfer(d_oos: float, d_test: float, *, min_abs_test: float = 1e-9) -> tuple[float, bool]:
+    """Transfer = Δoos/Δtest, returned as (value, defined).
+
+    When |Δtest| < min_abs_test (no in-distribution gain to transfer) or either input is not
+    finite, the ratio is undefined: returns (nan, False) instead of ±inf.
+    transfer(6.0, 12.0) = (0.5, True); transfer(3.0, 0.0) = (nan, False)."""
+    if not (math.isfinite(d_oos) and math.isfinite(d_test)) or abs(d_test) < min_abs_test:
+        return math.nan, False
+    return d_oos / d_test, True
+
+
+# --------------------------------------------------------------------------- over seeds
+
+
+def _finite(values: Iterable[float]) -> np.ndarray:
+    a = np.asarray([float(v) for v in values], dtype=float)
+    return a[np.isfinite(a)]
+
+
+def mean_ci(values: Iterable[float], level: float = 0.95) -> tuple[float, float]:
+    """(mean, half width h) with mean ± h the Student-t `level` interval over the finite values.
+
+    h = t_{(1+level)/2, n−1} · s/√n, s the sample standard deviation (ddof 1).
+    Example: [10, 5, 15] → mean 10, s 5, h = 4.302653 · 5/√3 = 12.4207.
+    n = 1 → (value, nan): one seed gives no interval. n = 0 → (nan, nan)."""
+    a = _finite(values)
+    if a.size == 0:
+        return math.nan, math.nan
+    m = float(a.mean())
+    if a.size == 1:
+        return m, math.nan
+    s = float(a.std(ddof=1))
+    return m, t_quantile(0.5 + level / 2.0, a.size - 1) * s / math.sqrt(a.size)
+
+
+def geo_mean_ci(values: Iterable[float], level: float = 0.95) -> tuple[float, float, float]:
+    """(geometric mean, lower, upper): mean ± CI of log(values), exponentiated. For ratios such as
+    perplexity ratios, whose natural scale is multiplicative. Non-positive values are left out.
+    geo_mean_ci([0.5, 2.0]) → geometric mean 1.0 (the arithmetic mean would say 1.25)."""
+    a = _finite(values)
+    a = a[a > 0]
+    m, h = mean_ci(np.log(a), level)
+    return math.exp(m), math.exp(m - h), math.exp(m + h)
+
+
+@dataclass(frozen=True)
+class Paired:
+    """Mean ± CI of matched differences (method − reference) and how many keys were unmatched."""
+
+    mean: float
+    half_width: float
+    n: int  # matched keys with a finite difference
+    unmatched_method: int  # keys with a method value but no reference value (dropped)
+    unmatched_ref: int  # keys with a reference value but no method value (dropped)
+
+
+def paired_diff(method_values: Mapping[Hashable, float], dpo_values: Mapping[Hashable, float], level: float = 0.95) -> Paired:
+    """Mean ± CI of d_k = method_k − dpo_k over keys k = (shift, seed) present in both mappings.
+
+    Pairing on the key removes the between-seed (data order, LoRA init) and between-shift
+    variation the two methods share. Keys present in only one mapping are dropped, never
+    imputed, and counted in `unmatched_method` / `unmatched_ref`; a matched key whose difference
+    is not finite is dropped too (n counts only what was used).
+    Example: method {1: 20, 2: 12, 3: 16}, dpo {1: 10, 2: 5, 3: 15, 4: 9} → d = [10, 7, 1],
+    mean 6, s = √21, h = 4.302653·√21/√3 = 11.384; unmatched_ref 1."""
+    keys = [k for k in method_values if k in dpo_values]
+    d = _finite(method_values[k] - dpo_values[k] for k in keys)
+    m, h = mean_ci(d, level)
+    return Paired(m, h, int(d.size), len(method_values) - len(keys), len(dpo_values) - len(keys))
+
+
+# --------------------------------------------------------------------------- formatting
+
+
+def fmt_ci(mean: float, half_width: float, *, digits: int = 1, signed: bool = True) -> str:
+    """'+10.0 ± 12.4'; '+10.0 ± n/a' when there is no interval (one seed); '—' when no value."""
+    if not math.isfinite(mean):
+        return "—"
+    m = f"{mean:+.{digits}f}" if signed else f"{mean:.{digits}f}"
+    return f"{m} ± {half_width:.{digits}f}" if math.isfinite(half_width) else f"{m} ± n/a"
