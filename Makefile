@@ -9,7 +9,7 @@ TORCH ?= torch==2.13.0
 FIND_LINKS := $(shell test -d /opt/wheels && echo --find-links /opt/wheels)
 PIP := $(PY) -m pip install --disable-pip-version-check -q $(FIND_LINKS)
 
-.PHONY: setup demo test test-fast test-slow lint bench clean
+.PHONY: setup demo demo-train test test-fast test-slow lint bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON_BOOT) -m venv $(VENV)
@@ -20,8 +20,12 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed ## install everything (idempotent)
 
-demo: setup ## train DPO on the built-in `difficulty` shift, evaluate base vs adapter on train/test/oos/rnd
-	$(VENV)/bin/reprpo train dpo --config configs/demo.yaml --out runs/demo
+demo: setup ## does hs-pca-prefvec beat DPO? built-in `difficulty` shift, 3 seeds, report with CIs and plots
+	$(VENV)/bin/reprpo compare --config configs/demo.yaml --methods dpo,hs-pca-prefvec \
+	    --shifts difficulty --seeds 1,2,3 --out runs/demo
+
+demo-train: setup ## one DPO run on the built-in `difficulty` shift, then base vs adapter on train/test/oos/rnd
+	$(VENV)/bin/reprpo train dpo --config configs/demo.yaml --out runs/demo-train
 
 test-fast: setup ## the default suite (tiny random models, no weights)
 	$(PY) -m pytest -q -m "not slow"
