@@ -3,6 +3,7 @@
     python bench/dpo_step.py w1 [--repeats 2]   # ours (all levers on), ours (all off), TRL if installed
     python bench/dpo_step.py w2                 # pairs/s: batched + shared prompt vs a naive loop
     python bench/dpo_step.py w3 [--presets a,b] # s/step of representation presets / our DPO
+    python bench/dpo_step.py w1-match           # all levers off, file order: per-step losses vs TRL
 
 Each program runs in its own subprocess (alternating, so drift hits all alike) and reports
 its own peak RSS. Figures: medians of steps 2..8 and same-run ratios.
@@ -50,6 +51,27 @@ def child_ours(argv: list[str]) -> None:
     from reprpo.train import train
 
     out = tempfile.mkdtemp(prefix="w1-")
+    init = os.environ.get("REPRPO_BENCH_LORA_INIT")
+    if init:  # start from another program's LoRA weights (like-for-like loss check only)
+        import reprpo.train as rt
+
+        make = rt.make_lora
+
+        def make_from_init(model, cfg):
+            import torch
+
+            peft = make(model, cfg)
+            state = torch.load(init, weights_only=True)
+            params = dict(peft.named_parameters())
+            missing = [n for n in state if n not in params]
+            if missing:
+                raise SystemExit(f"LoRA init names do not match: {missing[:3]}")
+            with torch.no_grad():
+                for n, v in state.items():
+                    params[n].copy_(v)
+            return peft
+
+        rt.make_lora = make_from_init
     args = parser().parse_args([
         "train", "--model.name", "smollm2-135m-instruct", "--data.shift", "", "--data.train", str(W1_DATA),
         "--data.n_train", "32", "--data.max_length", "256", "--data.max_prompt_length", "192",
@@ -121,7 +143,7 @@ def machine() -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("workload", choices=["w1", "w2", "w3", "_ours", "_w2"])
+    ap.add_argument("workload", choices=["w1", "w2", "w3", "w1-match", "_ours", "_w2"])
     ap.add_argument("--repeats", type=int, default=1, help="alternating rounds of every program")
     ap.add_argument("--presets", default=",".join(W3_PRESETS), help="w3: comma list of presets")
     ap.add_argument("--no-trl", action="store_true", help="w1: skip TRL even if installed")
@@ -141,6 +163,17 @@ def main() -> None:
         print(json.dumps(r))
         print(f"W2: {r['fast_pairs_per_s']:.2f} pairs/s vs naive {r['naive_pairs_per_s']:.2f} pairs/s "
               f"= {r['speedup']:.2f}x; max |score gap| {r['max_abs_score_gap']:.2e}")
+        return
+
+    if args.workload == "w1-match":
+        init = str(Path(tempfile.mkdtemp()) / "lora_init.pt")
+        trl = run_child([str(ROOT / "bench" / "trl_w1.py"), "--sequential", "--save-init", init], env)
+        ours = run_child([me, "_ours", *OFF, "--train.shuffle", "false"], env | {"REPRPO_BENCH_LORA_INIT": init})
+        gap = max(abs(a - b) for a, b in zip(trl["loss"], ours["loss"]))
+        print("| step | TRL loss | reprpo loss (levers off) | |diff| |\n|---|---|---|---|")
+        for i, (a, b) in enumerate(zip(trl["loss"], ours["loss"]), 1):
+            print(f"| {i} | {a:.6f} | {b:.6f} | {abs(a - b):.2e} |")
+        print(f"max |diff| over {len(ours['loss'])} steps: {gap:.2e} ({'within' if gap <= 1e-3 else 'NOT within'} 1e-3)")
         return
 
     if args.workload == "w1":

@@ -55,6 +55,7 @@ def main():
     ap.add_argument("--sequential", action="store_true", help="consume records in file order")
     ap.add_argument("--gradient-checkpointing", action="store_true",
                     help="TRL's default (True); W1 wants it off, which is this script's default")
+    ap.add_argument("--save-init", default=None, help="save the initial LoRA weights here (for a like-for-like loss check)")
     ap.add_argument("--output-dir", default=None, help="Trainer output_dir (nothing is saved); default: a temp dir")
     args = ap.parse_args()
 
@@ -131,6 +132,10 @@ def main():
             self.sec = []
             self.loss = []
             self.logs = []
+
+        def on_train_begin(self, a, state, control, model=None, **kw):
+            if args.save_init and model is not None:
+                torch.save({n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}, args.save_init)
 
         def on_step_begin(self, a, state, control, **kw):
             self.t0 = time.perf_counter()

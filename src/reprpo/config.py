@@ -112,6 +112,7 @@ class MethodConfig:
 @dataclass
 class SpeedConfig:
     share_prompt: bool = F(True, "encode each prompt once; chosen and rejected attend to it (4D mask); not for projgrad/projbp")
+    packed_attention: str = F("auto", "attention kernel for the shared-prompt layout: auto (eager on CPU, where sdpa with a 4D mask measured 17%% slower; sdpa on GPU) | eager | sdpa")
     ref_cache: bool = F(True, "compute reference log-probs (and pooled activations) once, cache them on disk, run no reference forward in training")
     response_logits: bool = F(True, "apply the output head only at response positions (off: full logits, the plain way)")
     logit_chunk: int = F(2048, "response tokens per chunk of the log-softmax (bounds logits memory)")
@@ -264,6 +265,8 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"train.warmup_ratio must be in [0, 1), got {t.warmup_ratio}.")
     if t.lr <= 0:
         raise ConfigError(f"train.lr must be > 0, got {t.lr}.")
+    if cfg.speed.packed_attention not in ("auto", "eager", "sdpa"):
+        raise ConfigError(f"speed.packed_attention must be auto, eager or sdpa, got {cfg.speed.packed_attention!r}.")
     if cfg.eval.per_pair_format not in ("parquet", "csv"):
         raise ConfigError(f"eval.per_pair_format must be parquet or csv, got {cfg.eval.per_pair_format!r}.")
 

@@ -155,6 +155,9 @@ def evaluate_run(cfg, *, adapter_dir: str | Path | None, out: Path) -> tuple[pd.
         splits[name] = prep.tokenized
         notes.append(f"{name}: {prep.summary()}")
     sp = cfg.speed
+    from reprpo import forward
+
+    forward.PACKED_ATTENTION["impl"] = sp.packed_attention
     table, per_pair = evaluate_splits(model, tok, splits, batch_size=cfg.eval.batch_size, with_adapter=adapter_dir is not None,
                                       packed=sp.share_prompt, ref_cache=sp.ref_cache, chunk=sp.logit_chunk)
     write_eval(out, table, per_pair, fmt=cfg.eval.per_pair_format)

@@ -72,11 +72,35 @@ def model_inputs(batch: PairBatch, *, dtype: torch.dtype) -> dict[str, torch.Ten
     return {"input_ids": batch.input_ids, "attention_mask": mask[:, None], "position_ids": batch.position_ids}
 
 
+PACKED_ATTENTION = {"impl": "auto"}  # set from speed.packed_attention by train / evaluate
+
+
+@contextmanager
+def attention_impl(model, impl: str):
+    """Temporarily switch the attention kernel (transformers reads it at every forward)."""
+    cfg = base_model(model).config
+    old = cfg._attn_implementation
+    if impl in ("eager", "sdpa") and impl != old:
+        cfg._attn_implementation = impl
+    try:
+        yield
+    finally:
+        cfg._attn_implementation = old
+
+
 def run_decoder(model, batch: PairBatch) -> torch.Tensor:
-    """Final-normed hidden states (R, t, d) of the batch's input rows."""
+    """Final-normed hidden states (R, t, d) of the batch's input rows.
+
+    The shared-prompt layout needs a 4D mask; on CPU, sdpa's backward with an arbitrary float
+    mask measured 17% slower than eager attention on W1 (bench/phases.py), so `auto` uses
+    eager there and keeps the model's kernel on GPUs."""
     decoder, _ = decoder_and_head(model)
-    dtype = next(decoder.parameters()).dtype
-    return decoder(**model_inputs(batch, dtype=dtype)).last_hidden_state
+    p = next(decoder.parameters())
+    impl = PACKED_ATTENTION["impl"]
+    if impl == "auto":
+        impl = "eager" if p.device.type == "cpu" else "keep"
+    with attention_impl(model, impl if batch.packed else "keep"):
+        return decoder(**model_inputs(batch, dtype=p.dtype)).last_hidden_state
 
 
 def sequence_logps(model, batch: PairBatch, *, chunk: int = 2048, full_logits: bool = False) -> SeqLogps:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from reprpo import forward
 from reprpo.config import RunConfig, save_yaml
 from reprpo.data.prepare import prepare
 from reprpo.data.tokenize import collate
@@ -143,6 +144,7 @@ def train(cfg: RunConfig) -> Path:
     method = build_method(cfg, model)
     sp = cfg.speed
     packed = sp.share_prompt and method.supports_packing
+    forward.PACKED_ATTENTION["impl"] = sp.packed_attention
     model.to(acc.device)
     cache, t_cache = None, time.time()
     if sp.ref_cache and method.uses_reference:  # one reference pass now, none in the loop

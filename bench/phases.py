@@ -1,0 +1,58 @@
+"""Per-phase time of one W1 training step (SmolLM2, LoRA r16 all-linear, 4 pairs, shared prompt).
+
+    python bench/phases.py    # medians over 5 repeats after 1 warm-up
+"""
+
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from reprpo.config import RunConfig, apply_overrides
+from reprpo.data.prepare import prepare
+from reprpo.data.tokenize import collate
+from reprpo.forward import decoder_and_head, model_inputs, token_logps
+from reprpo.models import load_model_and_tokenizer
+from reprpo.train import make_lora
+
+W1 = Path(__file__).resolve().parents[2] / "shared/data/genies/us_history_textbook/train.json"
+
+
+def main() -> None:
+    cfg = apply_overrides(RunConfig(), {"data.max_length": 256, "data.max_prompt_length": 192}, where="phases")
+    model, tok = load_model_and_tokenizer("smollm2-135m-instruct")
+    model = make_lora(model, cfg)
+    model.train()
+    pairs = prepare(str(W1), tok, cfg.data, limit=4).tokenized
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    for impl in ("sdpa", "eager"):
+        model.config._attn_implementation = impl
+        for packed in (True, False):
+            batch = collate(pairs, pad_id=tok.pad_token_id, packed=packed)
+            dec, head = decoder_and_head(model)
+            times: dict[str, list[float]] = {"decoder fwd": [], "head+logsoftmax": [], "backward": [], "optimizer": []}
+            for rep in range(6):
+                t0 = time.perf_counter()
+                hidden = dec(**model_inputs(batch, dtype=torch.float32)).last_hidden_state
+                t1 = time.perf_counter()
+                out_row, pos = batch.response_mask.bool().nonzero(as_tuple=True)
+                in_row = batch.rows[out_row]
+                lp = token_logps(head, hidden[in_row, batch.pred_pos[in_row, pos]], batch.input_ids[in_row, pos])
+                loss = -lp.mean()
+                t2 = time.perf_counter()
+                loss.backward()
+                t3 = time.perf_counter()
+                opt.step()
+                opt.zero_grad()
+                t4 = time.perf_counter()
+                if rep:
+                    for k, v in zip(times, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+                        times[k].append(v)
+            med = {k: statistics.median(v) for k, v in times.items()}
+            print(f"{impl:5s} {'packed' if packed else 'padded':6s} tokens {batch.input_ids.numel():5d} | "
+                  + " | ".join(f"{k} {v:.2f}s" for k, v in med.items()) + f" | total {sum(med.values()):.2f}s")
+
+
+if __name__ == "__main__":
+    main()
