@@ -92,8 +92,8 @@ def child_ours(argv: list[str]) -> None:
                       "reference_cache_sec": rep["reference_cache_seconds"], "pad_waste": rep["pad_waste"]}))
 
 
-def child_w2() -> None:
-    """Pairs/s of our scorer (length-sorted batches of 8, shared prompt, response-only logits)
+def child_w2(n_pairs: int) -> None:
+    """Pairs/s of our scorer (length-sorted batches of 2, shared prompt, response-only logits)
     vs a naive loop (one pair at a time, full logits, padded), and the largest score gap."""
     import torch
 
@@ -107,9 +107,10 @@ def child_w2() -> None:
     cfg = apply_overrides(RunConfig(), {"data.max_length": 512, "data.max_prompt_length": 384}, where="w2")
     model, tok = load_model_and_tokenizer("smollm2-135m-instruct")
     model.eval()
-    pairs = prepare(str(W2_DATA), tok, cfg.data, limit=128).tokenized
+    pairs = prepare(str(W2_DATA), tok, cfg.data, limit=n_pairs).tokenized
+    print(f"w2: {len(pairs)} pairs, mean tokens/pair {sum(p.length for p in pairs) / len(pairs):.0f}", file=sys.stderr)
     t0 = time.perf_counter()
-    fast = score_pairs(model, pairs, pad_id=tok.pad_token_id, batch_size=8, packed=True)
+    fast = score_pairs(model, pairs, pad_id=tok.pad_token_id, batch_size=2, packed=True)  # 2: fastest measured here
     t_fast = time.perf_counter() - t0
     t0 = time.perf_counter()
     naive = []
@@ -146,12 +147,13 @@ def main() -> None:
     ap.add_argument("workload", choices=["w1", "w2", "w3", "w1-match", "_ours", "_w2"])
     ap.add_argument("--repeats", type=int, default=1, help="alternating rounds of every program")
     ap.add_argument("--presets", default=",".join(W3_PRESETS), help="w3: comma list of presets")
+    ap.add_argument("--pairs", type=int, default=128, help="w2: pairs of code_hard test.json to score")
     ap.add_argument("--no-trl", action="store_true", help="w1: skip TRL even if installed")
     args, rest = ap.parse_known_args()
     if args.workload == "_ours":
         return child_ours(rest)
     if args.workload == "_w2":
-        return child_w2()
+        return child_w2(args.pairs)
     if not GENIES.is_dir():
         raise SystemExit(f"GENIES data not found at {GENIES}: the benchmarks need ../shared/data/genies.")
     env = dict(os.environ)
@@ -159,7 +161,7 @@ def main() -> None:
     print(f"# {args.workload} on {machine()}; command: python bench/dpo_step.py {' '.join(sys.argv[1:])}")
 
     if args.workload == "w2":
-        r = run_child([me, "_w2"], env)
+        r = run_child([me, "_w2", "--pairs", str(args.pairs)], env)
         print(json.dumps(r))
         print(f"W2: {r['fast_pairs_per_s']:.2f} pairs/s vs naive {r['naive_pairs_per_s']:.2f} pairs/s "
               f"= {r['speedup']:.2f}x; max |score gap| {r['max_abs_score_gap']:.2e}")

@@ -112,7 +112,7 @@ class MethodConfig:
 @dataclass
 class SpeedConfig:
     share_prompt: bool = F(True, "encode each prompt once; chosen and rejected attend to it (4D mask); not for projgrad/projbp")
-    packed_attention: str = F("auto", "attention kernel for the shared-prompt layout: auto (eager on CPU, where sdpa with a 4D mask measured 17%% slower; sdpa on GPU) | eager | sdpa")
+    packed_attention: str = F("auto", "attention kernel for the shared-prompt layout: auto (eager for CPU training, where sdpa's backward with a 4D mask measured 17%% slower; the model's kernel otherwise) | eager | sdpa")
     ref_cache: bool = F(True, "compute reference log-probs (and pooled activations) once, cache them on disk, run no reference forward in training")
     response_logits: bool = F(True, "apply the output head only at response positions (off: full logits, the plain way)")
     logit_chunk: int = F(2048, "response tokens per chunk of the log-softmax (bounds logits memory)")

@@ -92,13 +92,14 @@ def run_decoder(model, batch: PairBatch) -> torch.Tensor:
     """Final-normed hidden states (R, t, d) of the batch's input rows.
 
     The shared-prompt layout needs a 4D mask; on CPU, sdpa's backward with an arbitrary float
-    mask measured 17% slower than eager attention on W1 (bench/phases.py), so `auto` uses
-    eager there and keeps the model's kernel on GPUs."""
+    mask measured 17% slower than eager attention on W1 (bench/phases.py), while for scoring
+    (no graph) sdpa was 1.45x faster than eager; `auto` uses eager only for CPU training and
+    keeps the model's kernel otherwise."""
     decoder, _ = decoder_and_head(model)
     p = next(decoder.parameters())
     impl = PACKED_ATTENTION["impl"]
-    if impl == "auto":
-        impl = "eager" if p.device.type == "cpu" else "keep"
+    if impl == "auto":  # eager wins on CPU with a backward; without one (scoring) sdpa does
+        impl = "eager" if p.device.type == "cpu" and torch.is_grad_enabled() else "keep"
     with attention_impl(model, impl if batch.packed else "keep"):
         return decoder(**model_inputs(batch, dtype=p.dtype)).last_hidden_state
 
