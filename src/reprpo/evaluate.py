@@ -157,7 +157,7 @@ def evaluate_run(cfg, *, adapter_dir: str | Path | None, out: Path) -> tuple[pd.
     sp = cfg.speed
     from reprpo import forward
 
-    forward.PACKED_ATTENTION["impl"] = sp.packed_attention
+    forward.PACKED_ATTENTION["impl"] = forward.resolve_packed_attention(sp.packed_attention, training=False, device_type=device)
     table, per_pair = evaluate_splits(model, tok, splits, batch_size=cfg.eval.batch_size, with_adapter=adapter_dir is not None,
                                       packed=sp.share_prompt, ref_cache=sp.ref_cache, chunk=sp.logit_chunk)
     write_eval(out, table, per_pair, fmt=cfg.eval.per_pair_format)

@@ -72,7 +72,18 @@ def model_inputs(batch: PairBatch, *, dtype: torch.dtype) -> dict[str, torch.Ten
     return {"input_ids": batch.input_ids, "attention_mask": mask[:, None], "position_ids": batch.position_ids}
 
 
-PACKED_ATTENTION = {"impl": "auto"}  # set from speed.packed_attention by train / evaluate
+# Attention kernel for the packed layout: "eager" | "sdpa" | "keep" (the model's). train() and
+# evaluate_run() set it from speed.packed_attention; one kernel per stage, so the reference
+# (cached or not) and the policy see identical numerics.
+PACKED_ATTENTION = {"impl": "keep"}
+
+
+def resolve_packed_attention(setting: str, *, training: bool, device_type: str) -> str:
+    """auto -> eager for CPU training (sdpa's backward with a 4D mask measured 17% slower),
+    the model's own kernel otherwise (for scoring, sdpa measured 1.45x faster than eager)."""
+    if setting != "auto":
+        return setting
+    return "eager" if training and device_type == "cpu" else "keep"
 
 
 @contextmanager
@@ -93,13 +104,10 @@ def run_decoder(model, batch: PairBatch) -> torch.Tensor:
 
     The shared-prompt layout needs a 4D mask; on CPU, sdpa's backward with an arbitrary float
     mask measured 17% slower than eager attention on W1 (bench/phases.py), while for scoring
-    (no graph) sdpa was 1.45x faster than eager; `auto` uses eager only for CPU training and
-    keeps the model's kernel otherwise."""
+    (no graph) sdpa was 1.45x faster than eager: see `resolve_packed_attention`."""
     decoder, _ = decoder_and_head(model)
     p = next(decoder.parameters())
-    impl = PACKED_ATTENTION["impl"]
-    if impl == "auto":  # eager wins on CPU with a backward; without one (scoring) sdpa does
-        impl = "eager" if p.device.type == "cpu" and torch.is_grad_enabled() else "keep"
+    impl = PACKED_ATTENTION["impl"]  # train() / evaluate_run() resolve `auto` for their stage
     with attention_impl(model, impl if batch.packed else "keep"):
         return decoder(**model_inputs(batch, dtype=p.dtype)).last_hidden_state
 

@@ -144,7 +144,7 @@ def train(cfg: RunConfig) -> Path:
     method = build_method(cfg, model)
     sp = cfg.speed
     packed = sp.share_prompt and method.supports_packing
-    forward.PACKED_ATTENTION["impl"] = sp.packed_attention
+    forward.PACKED_ATTENTION["impl"] = forward.resolve_packed_attention(sp.packed_attention, training=True, device_type=acc.device.type)
     model.to(acc.device)
     cache, t_cache = None, time.time()
     if sp.ref_cache and method.uses_reference:  # one reference pass now, none in the loop
