@@ -117,6 +117,7 @@ class SpeedConfig:
     response_logits: bool = F(True, "apply the output head only at response positions (off: full logits, the plain way)")
     logit_chunk: int = F(2048, "response tokens per chunk of the log-softmax (bounds logits memory)")
     length_batches: bool = F(True, "group pairs of similar length into batches (less padding)")
+    keep_memory: bool = F(True, "glibc: keep freed memory in the process for the next step instead of returning it to the OS (no page faults on reuse; process-wide; peak RSS stays at its high-water mark)")
 
 
 @dataclass

@@ -138,9 +138,12 @@ def evaluate_run(cfg, *, adapter_dir: str | Path | None, out: Path) -> tuple[pd.
     """Load the base model (+ the adapter in `adapter_dir`), prepare the config's eval splits,
     score them and write summary.{md,csv} and per-pair scores to `out`."""
     from reprpo.data.prepare import prepare
+    from reprpo.memory import keep_freed_memory
     from reprpo.models import load_model_and_tokenizer
     from reprpo.shifts import data_sources
 
+    if cfg.speed.keep_memory:
+        keep_freed_memory()
     model, tok = load_model_and_tokenizer(cfg.model.name, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
     if adapter_dir is not None:
         from peft import PeftModel

@@ -19,6 +19,7 @@ from reprpo.config import RunConfig, save_yaml
 from reprpo.data.prepare import prepare
 from reprpo.data.tokenize import collate
 from reprpo.errors import ConfigError
+from reprpo.memory import keep_freed_memory
 from reprpo.methods import build_method
 from reprpo.models import load_model_and_tokenizer
 from reprpo.refcache import build_ref_cache
@@ -130,6 +131,8 @@ def train(cfg: RunConfig) -> Path:
     cpu = tc.device == "cpu" or (tc.device == "auto" and not torch.cuda.is_available())
     acc = Accelerator(cpu=cpu, mixed_precision=tc.mixed_precision, gradient_accumulation_steps=tc.grad_accum)
     set_seed(tc.seed)
+    if cfg.speed.keep_memory:
+        keep_freed_memory()
 
     # data
     model, tok = load_model_and_tokenizer(cfg.model.name, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
