@@ -1,5 +1,6 @@
 """Speed levers are exact: reference cache, shared prompt, response-only logits, length batches."""
 
+import json
 import math
 
 import pandas as pd
@@ -159,3 +160,31 @@ def test_train_report_records_layout_and_waste(tmp_path):
     # gradient methods fall back to the padded layout (their hooks read [chosen; rejected] rows)
     out = train(_cfg(tmp_path, "projgrad", "g"))
     assert json.loads((out / "train_report.json").read_text())["layout"] == "padded"
+
+
+def _header_data(path):
+    """12 pairs whose prompts all begin with a 40-character template header."""
+    import json
+
+    head = "### Instruction: answer the question.\n\n"
+    rows = [{"prompt": f"{head}Q{i}: what is {i} + {i}?", "chosen": f" {2 * i}", "rejected": f" {2 * i + 1} maybe"}
+            for i in range(12)]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return str(path)
+
+
+@pytest.mark.parametrize("method", ["dpo", "hs-pca-prefvec", "side-none-innerdpo"])
+def test_batch_prefix_leaves_losses_unchanged(method, tmp_path):
+    """A template header shared by every prompt is encoded once per batch (speed.share_prefix):
+    the first two losses equal those of the plain shared-prompt layout, and the report counts
+    the header tokens not re-read (so the lever really ran)."""
+    data = {"data.shift": "", "data.train": _header_data(tmp_path / "h.jsonl"), "data.chat_template": False}
+    on = _cfg(tmp_path, method, "on", **data)
+    off = _cfg(tmp_path, method, "off", **data, **{"speed.share_prefix": False})
+    from reprpo.train import train
+
+    runs = [train(c) for c in (on, off)]
+    saved = [json.loads((r / "train_report.json").read_text())["batch_prefix_tokens_saved"] for r in runs]
+    assert saved[0] >= 2 * 2 * 40 and saved[1] == 0  # 2 steps x 3 pairs: >= 2 x 40 header tokens not re-read per step
+    a, b = (pd.read_csv(r / "metrics.csv").loss[:2] for r in runs)
+    assert ((a - b).abs() < 1e-4 * b.abs().clip(lower=1)).all(), (a.tolist(), b.tolist())

@@ -64,12 +64,40 @@ def token_logps(head, h: torch.Tensor, targets: torch.Tensor, *, chunk: int = 20
 
 
 def model_inputs(batch: PairBatch, *, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Decoder keyword arguments for either layout (packed: additive 4D mask, positions)."""
+    """Decoder keyword arguments for either layout (packed: additive 4D mask, positions).
+
+    With a batch prefix of h tokens the mask is (R, 1, t, h + t): every row sees the prefix."""
     if not batch.packed:
         return {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
     neg = torch.finfo(dtype).min
-    mask = torch.zeros(batch.allow.shape, dtype=dtype, device=batch.allow.device).masked_fill(~batch.allow, neg)
+    r, t, _ = batch.allow.shape
+    allow = batch.allow
+    if batch.prefix_len:
+        allow = torch.cat([allow.new_ones(r, t, batch.prefix_len), allow], dim=2)
+    mask = torch.zeros(allow.shape, dtype=dtype, device=allow.device).masked_fill(~allow, neg)
     return {"input_ids": batch.input_ids, "attention_mask": mask[:, None], "position_ids": batch.position_ids}
+
+
+def prefix_supported(model) -> bool:
+    """A batch prefix needs a plain KV cache: no sliding-window or hybrid attention layers."""
+    cfg = base_model(model).config.get_text_config(decoder=True)
+    types = set(getattr(cfg, "layer_types", None) or ["full_attention"])
+    return not getattr(cfg, "sliding_window", None) and types == {"full_attention"}
+
+
+def prefix_kv(decoder, prefix_ids: torch.Tensor, *, store: dict | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per-layer (keys, values) of the batch prefix, each (1, kv_heads, h, head_dim).
+
+    `store` (no-grad scoring only) keeps them across batches that share the same prefix."""
+    key = tuple(prefix_ids.tolist()) if store is not None else None
+    if key is not None and key in store:
+        return store[key]
+    cache = decoder(input_ids=prefix_ids[None], use_cache=True).past_key_values
+    kv = [(layer.keys, layer.values) for layer in cache.layers]
+    if key is not None:
+        store.clear()  # one prefix at a time: batches of one dataset share the template
+        store[key] = kv
+    return kv
 
 
 # Attention kernel for the packed layout: "eager" | "sdpa" | "keep" (the model's). train() and
@@ -99,27 +127,37 @@ def attention_impl(model, impl: str):
         cfg._attn_implementation = old
 
 
-def run_decoder(model, batch: PairBatch) -> torch.Tensor:
+def run_decoder(model, batch: PairBatch, *, prefix_store: dict | None = None) -> torch.Tensor:
     """Final-normed hidden states (R, t, d) of the batch's input rows.
 
     The shared-prompt layout needs a 4D mask; on CPU, sdpa's backward with an arbitrary float
     mask measured 17% slower than eager attention on W1 (bench/phases.py), while for scoring
-    (no graph) sdpa was 1.45x faster than eager: see `resolve_packed_attention`."""
+    (no graph) sdpa was 1.45x faster than eager: see `resolve_packed_attention`.
+    A batch prefix is encoded first, once, and its keys/values are given to every row as a
+    KV cache (gradients flow back into it); hooks that capture block outputs see the rows last."""
+    from transformers import DynamicCache
+
     decoder, _ = decoder_and_head(model)
     p = next(decoder.parameters())
     impl = PACKED_ATTENTION["impl"]  # train() / evaluate_run() resolve `auto` for their stage
     with attention_impl(model, impl if batch.packed else "keep"):
-        return decoder(**model_inputs(batch, dtype=p.dtype)).last_hidden_state
+        kw = model_inputs(batch, dtype=p.dtype)
+        if batch.prefix_len:
+            r = batch.input_ids.shape[0]
+            kv = prefix_kv(decoder, batch.prefix_ids, store=None if torch.is_grad_enabled() else prefix_store)
+            kw |= {"past_key_values": DynamicCache([(k.expand(r, -1, -1, -1), v.expand(r, -1, -1, -1)) for k, v in kv]),
+                   "use_cache": True}
+        return decoder(**kw).last_hidden_state
 
 
-def sequence_logps(model, batch: PairBatch, *, chunk: int = 2048, full_logits: bool = False) -> SeqLogps:
+def sequence_logps(model, batch: PairBatch, *, chunk: int = 2048, full_logits: bool = False, prefix_store: dict | None = None) -> SeqLogps:
     """ℓ(y|x) = Σ_{t∈response} log π(y_t | x, y_<t) for every output row of the batch.
 
     Runs the decoder once over the input rows and applies the output head only at the
     positions that predict a response token. `full_logits=True` computes the head at every
     position first (the plain way; for checking and for like-for-like benchmarks)."""
     _, head = decoder_and_head(model)
-    hidden = run_decoder(model, batch)  # (R, t, d)
+    hidden = run_decoder(model, batch, prefix_store=prefix_store)  # (R, t, d)
     out_row, pos = batch.response_mask.bool().nonzero(as_tuple=True)  # (n,), (n,)
     in_row = batch.rows[out_row]
     pred = batch.pred_pos[in_row, pos]  # (n,)

@@ -72,6 +72,7 @@ class OutputMethod(nn.Module):
     """dpo / ipo / cdpo / hinge / simpo over response log-probs."""
 
     supports_packing = True  # works on the shared-prompt layout
+    supports_prefix = True  # and with a batch prefix taken out of the rows
 
     def __init__(self, cfg: RunConfig):
         super().__init__()
@@ -112,6 +113,7 @@ class GradMethod(OutputMethod):
     """projgrad / projbp: DPO whose gradient is projected on the reference preference direction."""
 
     supports_packing = False  # its hooks read [chosen; rejected] rows
+    supports_prefix = False
 
     def __init__(self, cfg: RunConfig):
         super().__init__(cfg)
@@ -142,6 +144,10 @@ class ReprMethod(nn.Module):
     """Representation preference optimisation: L = w_dpo·DPO + w_repr·loss(T(acts))."""
 
     supports_packing = True
+
+    @property
+    def supports_prefix(self) -> bool:
+        return self.mc.pooling != "all"  # `all` pools over the whole prompt, which a batch prefix takes out of the rows
 
     def __init__(self, cfg: RunConfig, model):
         super().__init__()

@@ -86,6 +86,7 @@ def build_ref_cache(
     *,
     pad_id: int,
     packed: bool,
+    share_prefix: bool = False,
     batch_size: int = 8,
     points: list[CapturePoint] | None = None,
     pooling: str = "mean",
@@ -96,7 +97,7 @@ def build_ref_cache(
     """Reference log-probs (and pooled activations at `points`) of every pair, from disk when a
     cache with the same fingerprint exists, else computed (adapter off) and saved."""
     points = points or []
-    spec = {"model": model_fingerprint(model), "data": data_fingerprint(pairs), "packed": packed,
+    spec = {"model": model_fingerprint(model), "data": data_fingerprint(pairs), "packed": packed, "share_prefix": share_prefix,
             "points": [p.key for p in points], "pooling": pooling, "outlier_quantile": outlier_quantile}
     fp = hashlib.blake2b(json.dumps(spec, sort_keys=True).encode(), digest_size=16).hexdigest()
     path = cache_root() / f"{fp}.pt"
@@ -112,15 +113,16 @@ def build_ref_cache(
     logp = torch.zeros(n, 2)
     ntok = torch.zeros(n, 2, dtype=torch.long)
     acts: dict[str, torch.Tensor] = {}
+    prefix_store: dict = {}  # a template header shared by the batches is encoded once
     was_training = model.training
     model.eval()
     try:
         for s in range(0, n, batch_size):
             chunk_pairs = pairs[s : s + batch_size]
-            batch = collate(chunk_pairs, pad_id=pad_id, packed=packed).to(device)
+            batch = collate(chunk_pairs, pad_id=pad_id, packed=packed, share_prefix=share_prefix).to(device)
             b = len(chunk_pairs)
             with adapter_disabled(model), capture(points) as store:
-                lp = sequence_logps(model, batch, chunk=chunk)
+                lp = sequence_logps(model, batch, chunk=chunk, prefix_store=prefix_store)
             logp[s : s + b] = torch.stack(lp.chosen_rejected(), 1).float().cpu()
             ntok[s : s + b] = torch.stack([lp.n_tokens[:b], lp.n_tokens[b:]], 1).cpu()
             for p in points:

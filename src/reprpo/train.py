@@ -147,11 +147,12 @@ def train(cfg: RunConfig) -> Path:
     method = build_method(cfg, model)
     sp = cfg.speed
     packed = sp.share_prompt and method.supports_packing
+    share_prefix = packed and sp.share_prefix and method.supports_prefix and forward.prefix_supported(model)
     forward.PACKED_ATTENTION["impl"] = forward.resolve_packed_attention(sp.packed_attention, training=True, device_type=acc.device.type)
     model.to(acc.device)
     cache, t_cache = None, time.time()
     if sp.ref_cache and method.uses_reference:  # one reference pass now, none in the loop
-        cache = build_ref_cache(model, data.tokenized, pad_id=tok.pad_token_id, packed=packed,
+        cache = build_ref_cache(model, data.tokenized, pad_id=tok.pad_token_id, packed=packed, share_prefix=share_prefix,
                                 batch_size=tc.batch_size, points=method.cache_points, pooling=cfg.method.pooling,
                                 outlier_quantile=cfg.method.outlier_quantile, chunk=sp.logit_chunk)
     t_cache = time.time() - t_cache
@@ -164,7 +165,7 @@ def train(cfg: RunConfig) -> Path:
                                    seed=tc.seed, group=sp.length_batches, shuffle=tc.shuffle)
     loader = torch.utils.data.DataLoader(
         data.tokenized, batch_sampler=sampler,
-        collate_fn=lambda b: collate(b, pad_id=tok.pad_token_id, packed=packed),
+        collate_fn=lambda b: collate(b, pad_id=tok.pad_token_id, packed=packed, share_prefix=share_prefix),
     )
     steps_per_epoch = max(1, len(loader) // tc.grad_accum)
     total = tc.max_steps or max(1, math.ceil(tc.epochs * steps_per_epoch))
@@ -179,7 +180,7 @@ def train(cfg: RunConfig) -> Path:
     acc.print(f"training {cfg.train.method}: {total} steps x {tc.batch_size * tc.grad_accum} pairs, {n_trainable:,} trainable params -> {out}")
 
     step, micro, window, t_step = 0, 0, [], time.time()
-    real_tokens = padded_tokens = 0
+    real_tokens = padded_tokens = prefix_saved = 0
     bar = tqdm(total=total, disable=not (tc.progress and acc.is_main_process), desc=cfg.train.method)
     while step < total:
         for batch in loader:
@@ -189,7 +190,8 @@ def train(cfg: RunConfig) -> Path:
                     loss, metrics = method.loss(model, batch, ref=ref)
                     acc.backward(loss)
                 real_tokens += batch.n_tokens
-                padded_tokens += batch.input_ids.numel()
+                padded_tokens += batch.n_slots
+                prefix_saved += batch.prefix_len * (batch.n_pairs - 1)
                 if extra and acc.num_processes > 1:  # frames live outside the DDP-wrapped model
                     for p in extra:
                         if p.grad is not None:
@@ -232,7 +234,7 @@ def train(cfg: RunConfig) -> Path:
             torch.save(method.state_dict(), out / "method_state.pt")  # frames / pca bases
         report = {
             "steps": step, "pairs_seen": micro * tc.batch_size, "trainable_params": n_trainable,
-            "layout": "shared-prompt" if packed else "padded", "reference_cache": cache is not None,
+            "layout": "shared-prompt" if packed else "padded", "batch_prefix_tokens_saved": prefix_saved, "reference_cache": cache is not None,
             "reference_cache_seconds": t_cache, "pad_waste": 1.0 - real_tokens / max(1, padded_tokens),
             "seconds": time.time() - t0, "data": {"source": train_src, "summary": data.summary(),
             "dropped": dict(data.read_report.dropped), "tokenize": vars(data.token_report) | {"dropped": dict(data.token_report.dropped)}},

@@ -123,6 +123,7 @@ class PairBatch:
     index: torch.Tensor  # (b,) positions of the pairs in their source list
     position_ids: torch.Tensor | None = None  # (R, t) packed only
     allow: torch.Tensor | None = None  # (R, t, t) bool, packed only: query i may attend key j
+    prefix_ids: torch.Tensor | None = None  # (h,) packed only: tokens that begin every prompt, encoded once for the batch
 
     def to(self, device) -> PairBatch:
         return PairBatch(**{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in vars(self).items()})
@@ -136,9 +137,18 @@ class PairBatch:
         return self.allow is not None
 
     @property
+    def prefix_len(self) -> int:
+        return 0 if self.prefix_ids is None else int(self.prefix_ids.shape[0])
+
+    @property
     def n_tokens(self) -> int:
-        """Real (non-padding) tokens the model reads."""
-        return int(self.attention_mask.sum())
+        """Real (non-padding) tokens the model reads, the batch prefix once."""
+        return int(self.attention_mask.sum()) + self.prefix_len
+
+    @property
+    def n_slots(self) -> int:
+        """Token slots the model computes (real + padding), the batch prefix once."""
+        return self.input_ids.numel() + self.prefix_len
 
 
 def collate_pairs(pairs: list[TokenizedPair], *, pad_id: int) -> PairBatch:
@@ -159,8 +169,30 @@ def collate_pairs(pairs: list[TokenizedPair], *, pad_id: int) -> PairBatch:
                      torch.tensor([p.index for p in pairs], dtype=torch.long))
 
 
-def collate_packed(pairs: list[TokenizedPair], *, pad_id: int) -> PairBatch:
-    """Packed layout (shared prompt prefix): one row per pair, prompt + chosen + rejected."""
+def common_prefix_len(pairs: list[TokenizedPair]) -> int:
+    """Leading prompt tokens shared by every pair, leaving each prompt at least its last token
+    (whose hidden state predicts the first response token)."""
+    prompts = [p.prompt_ids for p in pairs]
+    limit = min(len(q) for q in prompts) - 1
+    h = 0
+    while h < limit and all(q[h] == prompts[0][h] for q in prompts):
+        h += 1
+    return max(h, 0)
+
+
+def collate_packed(pairs: list[TokenizedPair], *, pad_id: int, share_prefix: bool = False, min_prefix: int = 16) -> PairBatch:
+    """Packed layout (shared prompt prefix): one row per pair, prompt + chosen + rejected.
+
+    With `share_prefix`, the tokens that begin every prompt of the batch (e.g. a template
+    header), when there are at least `min_prefix` of them and two or more pairs, are taken out
+    of the rows into `prefix_ids`: the decoder encodes them once and every row attends to them
+    (`forward.run_decoder`); row positions then start at h."""
+    h = common_prefix_len(pairs) if share_prefix and len(pairs) > 1 else 0
+    if h < max(1, min_prefix):
+        h = 0
+    prefix = torch.tensor(pairs[0].prompt_ids[:h], dtype=torch.long) if h else None
+    if h:
+        pairs = [TokenizedPair(p.prompt_ids[h:], p.chosen_ids, p.rejected_ids, p.index) for p in pairs]
     b = len(pairs)
     t = max(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
     ids = torch.full((b, t), pad_id, dtype=torch.long)
@@ -189,8 +221,11 @@ def collate_packed(pairs: list[TokenizedPair], *, pad_id: int) -> PairBatch:
     # padding rows attend to themselves only, so softmax never sees an empty row
     allow |= torch.eye(t, dtype=torch.bool)[None]
     return PairBatch(ids, att, resp, seen, pred, torch.arange(b).repeat(2),
-                     torch.tensor([p.index for p in pairs], dtype=torch.long), pos, allow)
+                     torch.tensor([p.index for p in pairs], dtype=torch.long), pos + h, allow, prefix)
 
 
-def collate(pairs: list[TokenizedPair], *, pad_id: int, packed: bool) -> PairBatch:
-    return collate_packed(pairs, pad_id=pad_id) if packed else collate_pairs(pairs, pad_id=pad_id)
+def collate(pairs: list[TokenizedPair], *, pad_id: int, packed: bool, share_prefix: bool = False) -> PairBatch:
+    """`packed`: shared-prompt layout (`collate_packed`, optionally with a batch prefix); else padded."""
+    if packed:
+        return collate_packed(pairs, pad_id=pad_id, share_prefix=share_prefix)
+    return collate_pairs(pairs, pad_id=pad_id)
