@@ -1,7 +1,7 @@
 """Benchmarks of ../shared/BENCH.md: W1 (DPO step vs TRL), W2 (scoring), W3 (method overhead).
 
     python bench/dpo_step.py w1 [--repeats 2]   # ours (all levers on), ours (all off), TRL if installed
-    python bench/dpo_step.py w2                 # pairs/s: batched + shared prompt vs a naive loop
+    python bench/dpo_step.py w2 [--repeats 2]   # pairs/s of our scorer vs a naive loop, same scores
     python bench/dpo_step.py w3 [--presets a,b] # s/step of representation presets / our DPO
     python bench/dpo_step.py w1-match           # all levers off, file order: per-step losses vs TRL
 
@@ -28,7 +28,7 @@ GENIES = ROOT.parent / "shared" / "data" / "genies"
 W1_DATA = GENIES / "us_history_textbook" / "train.json"
 W2_DATA = GENIES / "code_hard" / "test.json"
 OFF = ["--speed.share_prompt", "false", "--speed.ref_cache", "false", "--speed.response_logits", "false",
-       "--speed.length_batches", "false"]
+       "--speed.length_batches", "false", "--speed.share_prefix", "false", "--speed.keep_memory", "false"]
 W3_PRESETS = ["hs-none-prefvec", "hs-pca-prefvec", "hs-hra-prefvec", "hs-ether-prefvec", "hs-ortho-prefvec",
               "hs-unembed_null-prefvec", "hs-suppressed-prefvec", "hs-none-mse", "hs-none-rank",
               "hs-none-innerdpo", "hs-none-innerpo", "side-none-prefvec", "projgrad", "projbp"]
@@ -92,38 +92,52 @@ def child_ours(argv: list[str]) -> None:
                       "reference_cache_sec": rep["reference_cache_seconds"], "pad_waste": rep["pad_waste"]}))
 
 
-def child_w2(n_pairs: int) -> None:
-    """Pairs/s of our scorer (length-sorted batches of 2, shared prompt, response-only logits)
-    vs a naive loop (one pair at a time, full logits, padded), and the largest score gap."""
-    import torch
-
+def _w2_pairs(n_pairs: int):
     from reprpo.config import RunConfig, apply_overrides
     from reprpo.data.prepare import prepare
-    from reprpo.data.tokenize import collate_pairs
-    from reprpo.evaluate import score_pairs
-    from reprpo.forward import sequence_logps
     from reprpo.models import load_model_and_tokenizer
 
     cfg = apply_overrides(RunConfig(), {"data.max_length": 512, "data.max_prompt_length": 384}, where="w2")
     model, tok = load_model_and_tokenizer("smollm2-135m-instruct")
     model.eval()
     pairs = prepare(str(W2_DATA), tok, cfg.data, limit=n_pairs).tokenized
-    print(f"w2: {len(pairs)} pairs, mean tokens/pair {sum(p.length for p in pairs) / len(pairs):.0f}", file=sys.stderr)
+    return model, tok, pairs
+
+
+def child_w2(program: str, n_pairs: int, batch_size: int) -> None:
+    """W2 scoring, one program per process, per-pair mean log-probs printed with the time.
+
+    naive: one pair per forward ([chosen; rejected] padded into 2 rows), full logits and a
+    log-softmax over the vocabulary, default allocator -- what a plain loop does.
+    reprpo: `score_pairs` with every speed lever (length-sorted batches, prompt encoded once,
+    the template header encoded once and reused, logits at response tokens only, sdpa,
+    speed.keep_memory)."""
+    import torch
+
+    from reprpo.data.tokenize import collate_pairs
+    from reprpo.forward import sequence_logps
+
+    if program == "reprpo":
+        from reprpo.memory import keep_freed_memory
+
+        keep_freed_memory()
+    model, tok, pairs = _w2_pairs(n_pairs)
+    print(f"w2 {program}: {len(pairs)} pairs, mean tokens/pair {sum(p.length for p in pairs) / len(pairs):.0f}", file=sys.stderr)
     t0 = time.perf_counter()
-    fast = score_pairs(model, pairs, pad_id=tok.pad_token_id, batch_size=2, packed=True)  # 2: fastest measured here
-    t_fast = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    naive = []
-    with torch.no_grad():
-        for p in pairs:
-            lp = sequence_logps(model, collate_pairs([p], pad_id=tok.pad_token_id), full_logits=True)
-            c, r = lp.logp_mean[0].item(), lp.logp_mean[1].item()
-            naive.append((c, r))
-    t_naive = time.perf_counter() - t0
-    gap = max(max(abs(a - c), abs(b - r)) for (c, r), a, b in zip(naive, fast.chosen_logp_mean, fast.rejected_logp_mean))
-    print(json.dumps({"program": "w2", "pairs": len(pairs), "fast_pairs_per_s": len(pairs) / t_fast,
-                      "naive_pairs_per_s": len(pairs) / t_naive, "speedup": t_naive / t_fast,
-                      "max_abs_score_gap": gap, "peak_rss_mb": peak_rss_mb()}))
+    if program == "reprpo":
+        from reprpo.evaluate import score_pairs
+
+        df = score_pairs(model, pairs, pad_id=tok.pad_token_id, batch_size=batch_size, packed=True, share_prefix=True)
+        scores = list(zip(df.chosen_logp_mean.tolist(), df.rejected_logp_mean.tolist()))
+    else:
+        scores = []
+        with torch.no_grad():
+            for p in pairs:
+                lp = sequence_logps(model, collate_pairs([p], pad_id=tok.pad_token_id), full_logits=True)
+                scores.append((lp.logp_mean[0].item(), lp.logp_mean[1].item()))
+    sec = time.perf_counter() - t0
+    print(json.dumps({"program": program, "pairs": len(pairs), "sec": sec, "pairs_per_s": len(pairs) / sec,
+                      "scores": scores, "peak_rss_mb": peak_rss_mb()}))
 
 
 # --- orchestration ---------------------------------------------------------------------------
@@ -145,6 +159,8 @@ def machine() -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("workload", choices=["w1", "w2", "w3", "w1-match", "_ours", "_w2"])
+    ap.add_argument("--program", default="reprpo", help=argparse.SUPPRESS)
+    ap.add_argument("--batch", type=int, default=2, help="w2: pairs per scoring batch (ours)")
     ap.add_argument("--repeats", type=int, default=1, help="alternating rounds of every program")
     ap.add_argument("--presets", default=",".join(W3_PRESETS), help="w3: comma list of presets")
     ap.add_argument("--pairs", type=int, default=128, help="w2: pairs of code_hard test.json to score")
@@ -153,7 +169,7 @@ def main() -> None:
     if args.workload == "_ours":
         return child_ours(rest)
     if args.workload == "_w2":
-        return child_w2(args.pairs)
+        return child_w2(args.program, args.pairs, args.batch)
     if not GENIES.is_dir():
         raise SystemExit(f"GENIES data not found at {GENIES}: the benchmarks need ../shared/data/genies.")
     env = dict(os.environ)
@@ -161,10 +177,18 @@ def main() -> None:
     print(f"# {args.workload} on {machine()}; command: python bench/dpo_step.py {' '.join(sys.argv[1:])}")
 
     if args.workload == "w2":
-        r = run_child([me, "_w2", "--pairs", str(args.pairs)], env)
-        print(json.dumps(r))
-        print(f"W2: {r['fast_pairs_per_s']:.2f} pairs/s vs naive {r['naive_pairs_per_s']:.2f} pairs/s "
-              f"= {r['speedup']:.2f}x; max |score gap| {r['max_abs_score_gap']:.2e}")
+        runs: dict[str, list[dict]] = {"naive": [], "reprpo": []}
+        for rnd in range(args.repeats):
+            for prog in runs:
+                r = run_child([me, "_w2", "--program", prog, "--pairs", str(args.pairs), "--batch", str(args.batch)], env)
+                runs[prog].append(r)
+                print(f"round {rnd + 1} {prog}: {r['pairs_per_s']:.3f} pairs/s ({r['sec']:.0f} s), peak RSS {r['peak_rss_mb']:.0f} MB", flush=True)
+        gap = max(abs(a - b) for rn, rf in zip(runs["naive"], runs["reprpo"])
+                  for x, y in zip(rn["scores"], rf["scores"]) for a, b in zip(x, y))
+        rates = {k: statistics.median(r["pairs_per_s"] for r in v) for k, v in runs.items()}
+        print(f"\nW2: reprpo {rates['reprpo']:.3f} pairs/s vs naive {rates['naive']:.3f} pairs/s = "
+              f"{rates['reprpo'] / rates['naive']:.2f}x (medians of {args.repeats} rounds); "
+              f"max |score gap| {gap:.2e} ({'within' if gap <= 1e-4 else 'NOT within'} 1e-4)")
         return
 
     if args.workload == "w1-match":
@@ -204,7 +228,7 @@ def main() -> None:
     print("\n| program | s/step (median, steps 2-8) | ratio | step-1 loss | peak RSS MB |")
     print("|---|---|---|---|---|")
     for name in programs:
-        ratio = med(name) / med(base) if args.workload == "w3" else (med(name) / med(base))
+        ratio = med(name) / med(base)
         print(f"| {name} | {med(name):.2f} | {ratio:.2f} | {results[name][0]['loss'][0]:.4f} | "
               f"{max(r['peak_rss_mb'] for r in results[name]):.0f} |")
     if args.workload == "w1" and "trl" in results:

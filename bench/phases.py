@@ -1,6 +1,8 @@
-"""Per-phase time of one W1 training step (SmolLM2, LoRA r16 all-linear, 4 pairs, shared prompt).
+"""Per-phase time of one W1 training step (SmolLM2, LoRA r16 all-linear, 4 pairs).
 
-    python bench/phases.py    # medians over 5 repeats after 1 warm-up
+    python bench/phases.py    # medians over 5 repeats after 1 warm-up, speed.keep_memory on
+
+Layouts: shared prompt + batch prefix (the default), shared prompt only, padded [chosen; rejected].
 """
 
 import statistics
@@ -12,7 +14,8 @@ import torch
 from reprpo.config import RunConfig, apply_overrides
 from reprpo.data.prepare import prepare
 from reprpo.data.tokenize import collate
-from reprpo.forward import decoder_and_head, model_inputs, token_logps
+from reprpo.forward import attention_impl, decoder_and_head, token_logps
+from reprpo.memory import keep_freed_memory
 from reprpo.models import load_model_and_tokenizer
 from reprpo.train import make_lora
 
@@ -20,38 +23,43 @@ W1 = Path(__file__).resolve().parents[2] / "shared/data/genies/us_history_textbo
 
 
 def main() -> None:
-    cfg = apply_overrides(RunConfig(), {"data.max_length": 256, "data.max_prompt_length": 192}, where="phases")
+    keep_freed_memory()
+    cfg = apply_overrides(RunConfig(), {"data.max_length": 256, "data.max_prompt_length": 192, "data.chat_template": False}, where="phases")
     model, tok = load_model_and_tokenizer("smollm2-135m-instruct")
     model = make_lora(model, cfg)
     model.train()
     pairs = prepare(str(W1), tok, cfg.data, limit=4).tokenized
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    for impl in ("sdpa", "eager"):
-        model.config._attn_implementation = impl
-        for packed in (True, False):
-            batch = collate(pairs, pad_id=tok.pad_token_id, packed=packed)
-            dec, head = decoder_and_head(model)
-            times: dict[str, list[float]] = {"decoder fwd": [], "head+logsoftmax": [], "backward": [], "optimizer": []}
-            for rep in range(6):
-                t0 = time.perf_counter()
-                hidden = dec(**model_inputs(batch, dtype=torch.float32)).last_hidden_state
-                t1 = time.perf_counter()
-                out_row, pos = batch.response_mask.bool().nonzero(as_tuple=True)
-                in_row = batch.rows[out_row]
-                lp = token_logps(head, hidden[in_row, batch.pred_pos[in_row, pos]], batch.input_ids[in_row, pos])
-                loss = -lp.mean()
-                t2 = time.perf_counter()
-                loss.backward()
-                t3 = time.perf_counter()
-                opt.step()
-                opt.zero_grad()
-                t4 = time.perf_counter()
-                if rep:
-                    for k, v in zip(times, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
-                        times[k].append(v)
-            med = {k: statistics.median(v) for k, v in times.items()}
-            print(f"{impl:5s} {'packed' if packed else 'padded':6s} tokens {batch.input_ids.numel():5d} | "
-                  + " | ".join(f"{k} {v:.2f}s" for k, v in med.items()) + f" | total {sum(med.values()):.2f}s")
+    from reprpo import forward
+
+    layouts = [("eager", True, True), ("eager", True, False), ("sdpa", False, False)]
+    for impl, packed, prefix in layouts:
+        batch = collate(pairs, pad_id=tok.pad_token_id, packed=packed, share_prefix=prefix)
+        forward.PACKED_ATTENTION["impl"] = impl
+        _, head = decoder_and_head(model)
+        times: dict[str, list[float]] = {"decoder fwd": [], "head+logsoftmax": [], "backward": [], "optimizer": []}
+        for rep in range(6):
+            t0 = time.perf_counter()
+            with attention_impl(model, impl):
+                hidden = forward.run_decoder(model, batch)
+            t1 = time.perf_counter()
+            out_row, pos = batch.response_mask.bool().nonzero(as_tuple=True)
+            in_row = batch.rows[out_row]
+            lp = token_logps(head, hidden[in_row, batch.pred_pos[in_row, pos]], batch.input_ids[in_row, pos])
+            loss = -lp.mean()
+            t2 = time.perf_counter()
+            loss.backward()
+            t3 = time.perf_counter()
+            opt.step()
+            opt.zero_grad()
+            t4 = time.perf_counter()
+            if rep:
+                for k, v in zip(times, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+                    times[k].append(v)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        name = ("shared prompt + batch prefix" if prefix else "shared prompt") if packed else "padded"
+        print(f"{name:28s} {impl:5s} tokens {batch.n_slots:5d} | "
+              + " | ".join(f"{k} {v:.2f}s" for k, v in med.items()) + f" | total {sum(med.values()):.2f}s", flush=True)
 
 
 if __name__ == "__main__":

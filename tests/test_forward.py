@@ -148,3 +148,25 @@ def test_batch_prefix_logps_and_gradients_equal_unshared(tiny):
         sequence_logps(m, batch).logp_sum.sum().backward()
         grads.append(torch.cat([p.grad.flatten() for p in m.parameters()]))
     assert torch.allclose(grads[0], grads[1], atol=1e-4 * grads[0].abs().max())
+
+
+def test_scoring_encodes_a_set_wide_header_once(tiny):
+    """score_pairs with share_prefix: the header common to the whole set is encoded once and
+    reused by every batch, batches of one pair included; scores equal the padded layout's."""
+    from reprpo.evaluate import score_pairs
+
+    model, tok = tiny
+    tp = _header_pairs(tok)
+    want = score_pairs(model, tp, pad_id=tok.pad_token_id, batch_size=3)
+    calls = []
+    emb = model.get_input_embeddings().register_forward_hook(lambda m, i, o: calls.append(o.shape))
+    try:
+        for bs in (1, 2):
+            calls.clear()
+            got = score_pairs(model, tp, pad_id=tok.pad_token_id, batch_size=bs, packed=True, share_prefix=True)
+            n_batches = -(-len(tp) // bs)
+            assert len(calls) == n_batches + 1 and calls[0][1] >= 24  # the header, then one call per batch
+            for col in ("chosen_logp_sum", "rejected_logp_sum"):
+                assert (got[col] - want[col]).abs().max() < 1e-4, (bs, col)
+    finally:
+        emb.remove()

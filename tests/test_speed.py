@@ -10,7 +10,8 @@ import torch
 from reprpo.config import RunConfig, apply_overrides
 from reprpo.methods import preset_overrides
 
-OFF = {"speed.share_prompt": False, "speed.ref_cache": False, "speed.response_logits": False, "speed.length_batches": False}
+OFF = {"speed.share_prompt": False, "speed.ref_cache": False, "speed.response_logits": False, "speed.length_batches": False,
+       "speed.share_prefix": False, "speed.keep_memory": False}
 
 
 def _cfg(tmp_path, method, name, **over):
@@ -65,6 +66,14 @@ def test_cached_reference_runs_no_reference_forward(tmp_path, monkeypatch):
     assert calls["n"] == 0  # pca fit and every step read the cache
     train(_cfg(tmp_path, "hs-pca-prefvec", "online", **{"speed.ref_cache": False}))
     assert calls["n"] >= 4  # one reference pass per step (plus the pca fit)
+    # non-linear but fixed transforms (suppressed; rank's token function): before training, one
+    # pass sizes the transform and ceil(12 pairs / 8) = 2 compute the pooled reference; then no
+    # step runs a reference pass, so 2 and 4 steps make the same 3 calls
+    for method in ("hs-suppressed-prefvec", "hs-none-rank"):
+        for steps in (2, 4):
+            calls["n"] = 0
+            train(_cfg(tmp_path, method, f"{method}-{steps}", **{"train.max_steps": steps, "train.batch_size": 3}))
+            assert calls["n"] == 3, (method, steps, calls["n"])
 
 
 def test_cache_is_reused_and_validated(tiny, tmp_path, monkeypatch):

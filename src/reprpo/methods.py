@@ -81,7 +81,7 @@ class OutputMethod(nn.Module):
         self.uses_reference = self.name != "simpo"  # so a reference cache helps
         self.cache_points: list[CapturePoint] = []
 
-    def prepare(self, model, data: list[TokenizedPair], *, pad_id: int, cache=None) -> None:
+    def prepare(self, model, data: list[TokenizedPair], *, pad_id: int, cache=None, layout: dict | None = None) -> None:
         pass
 
     def step(self, model, batch: PairBatch):
@@ -185,6 +185,8 @@ class ReprMethod(nn.Module):
         self.lp_kw = {"chunk": cfg.speed.logit_chunk, "full_logits": not cfg.speed.response_logits}
         self.uses_reference = True
         self.cache_points = self.points if self.linear else []  # pooled reference activations to cache
+        self._fixed_ref: dict[str, torch.Tensor] = {}  # non-linear but fixed T: pooled T(reference), (n, 2, k)
+        self._fixed_row: dict[int, int] = {}  # pair index -> row of _fixed_ref
 
     # -- pooling ------------------------------------------------------------------------------
     def _tkey(self, key: str) -> str:
@@ -225,7 +227,7 @@ class ReprMethod(nn.Module):
     # -- setup -------------------------------------------------------------------------------
     @torch.no_grad()
     def prepare(self, model, data: list[TokenizedPair], *, pad_id: int, cache: RefCache | None = None,
-                batch_size: int = 8) -> None:
+                batch_size: int = 8, layout: dict | None = None) -> None:
         """Build each point's transform (width read off the reference); fit pca on the reference
         preference directions δ_ref of up to `method.pca_pairs` training pairs (from the
         reference cache when there is one, else from reference passes)."""
@@ -261,6 +263,28 @@ class ReprMethod(nn.Module):
             if fit:
                 t.fit(acts[:, 0] - acts[:, 1])
             self.transforms[self._tkey(p.key)] = t.to(device)
+        if cache is not None and not self.linear and not any(q.requires_grad for q in self.transforms.parameters()):
+            self._cache_fixed_reference(model, data, pad_id=pad_id, batch_size=batch_size, layout=layout or {"packed": False})
+
+    @torch.no_grad()
+    def _cache_fixed_reference(self, model, data: list[TokenizedPair], *, pad_id: int, batch_size: int, layout: dict) -> None:
+        """A non-linear T (suppressed, or a loss's token function) that has nothing to learn
+        gives every pair a constant pooled reference value: compute it once here, so training
+        steps run no reference forward (kept in memory; the linear case uses the disk cache).
+        `layout` is the training batches' collate layout, so at init the policy's pooled values
+        equal these bit for bit, as they would with an online reference pass."""
+        device = next(model.parameters()).device
+        chunks: dict[str, list[torch.Tensor]] = {p.key: [] for p in self.points}
+        for s in range(0, len(data), batch_size):
+            batch = collate(data[s : s + batch_size], pad_id=pad_id, **layout).to(device)
+            with adapter_disabled(model):
+                store, _ = self._acts(model, batch, logps=False)
+            for p in self.points:
+                v = self._pooled(p.key, store, batch)  # (2b, k)
+                b = v.shape[0] // 2
+                chunks[p.key].append(torch.stack([v[:b], v[b:]], 1))
+        self._fixed_ref = {k: torch.cat(v) for k, v in chunks.items()}
+        self._fixed_row = {p.index: i for i, p in enumerate(data)}
 
     def step(self, model, batch: PairBatch):
         return nullcontext()
@@ -276,6 +300,10 @@ class ReprMethod(nn.Module):
         if have_acts:  # cached reference: no reference forward at all
             ref_lp = ref.logps
             ref_pooled = {p.key: self.transforms[self._tkey(p.key)](ref.acts[p.key]) for p in self.points}
+        elif ref is not None and self._fixed_ref:  # fixed non-linear T, computed in prepare()
+            ref_lp = ref.logps
+            rows = torch.tensor([self._fixed_row[int(i)] for i in batch.index])
+            ref_pooled = {k: torch.cat([v[rows, 0], v[rows, 1]]) for k, v in self._fixed_ref.items()}
         else:
             with torch.no_grad(), adapter_disabled(model):
                 ref_store, ref_lp = self._acts(model, batch, logps=ref is None)

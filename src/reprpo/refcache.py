@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from reprpo.capture import CapturePoint, capture, pool
-from reprpo.data.tokenize import PairBatch, TokenizedPair, collate
+from reprpo.data.tokenize import PairBatch, TokenizedPair, collate, scoring_prefix_len
 from reprpo.forward import SeqLogps, adapter_disabled, base_model, sequence_logps
 
 
@@ -114,12 +114,13 @@ def build_ref_cache(
     ntok = torch.zeros(n, 2, dtype=torch.long)
     acts: dict[str, torch.Tensor] = {}
     prefix_store: dict = {}  # a template header shared by the batches is encoded once
+    prefix_h = scoring_prefix_len(pairs) if packed and share_prefix else None
     was_training = model.training
     model.eval()
     try:
         for s in range(0, n, batch_size):
             chunk_pairs = pairs[s : s + batch_size]
-            batch = collate(chunk_pairs, pad_id=pad_id, packed=packed, share_prefix=share_prefix).to(device)
+            batch = collate(chunk_pairs, pad_id=pad_id, packed=packed, share_prefix=share_prefix, prefix_len=prefix_h).to(device)
             b = len(chunk_pairs)
             with adapter_disabled(model), capture(points) as store:
                 lp = sequence_logps(model, batch, chunk=chunk, prefix_store=prefix_store)

@@ -17,7 +17,7 @@ import torch
 from reprpo import forward
 from reprpo.config import RunConfig, save_yaml
 from reprpo.data.prepare import prepare
-from reprpo.data.tokenize import collate
+from reprpo.data.tokenize import collate, scoring_prefix_len
 from reprpo.errors import ConfigError
 from reprpo.memory import keep_freed_memory
 from reprpo.methods import build_method
@@ -148,6 +148,10 @@ def train(cfg: RunConfig) -> Path:
     sp = cfg.speed
     packed = sp.share_prompt and method.supports_packing
     share_prefix = packed and sp.share_prefix and method.supports_prefix and forward.prefix_supported(model)
+    # one prefix rule for every pass (reference caches and training batches alike, so their
+    # numerics match): the header common to the whole training set, else each batch's own
+    layout = {"packed": packed, "share_prefix": share_prefix,
+              "prefix_len": scoring_prefix_len(data.tokenized) if share_prefix else None}
     forward.PACKED_ATTENTION["impl"] = forward.resolve_packed_attention(sp.packed_attention, training=True, device_type=acc.device.type)
     model.to(acc.device)
     cache, t_cache = None, time.time()
@@ -156,7 +160,7 @@ def train(cfg: RunConfig) -> Path:
                                 batch_size=tc.batch_size, points=method.cache_points, pooling=cfg.method.pooling,
                                 outlier_quantile=cfg.method.outlier_quantile, chunk=sp.logit_chunk)
     t_cache = time.time() - t_cache
-    method.prepare(model, data.tokenized, pad_id=tok.pad_token_id, cache=cache)  # e.g. fit pca, size frames
+    method.prepare(model, data.tokenized, pad_id=tok.pad_token_id, cache=cache, layout=layout)  # e.g. fit pca, size frames
     method.to(acc.device)
     extra = [p for p in method.parameters() if p.requires_grad]  # learned frames (hra/ether/ortho)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -165,7 +169,7 @@ def train(cfg: RunConfig) -> Path:
                                    seed=tc.seed, group=sp.length_batches, shuffle=tc.shuffle)
     loader = torch.utils.data.DataLoader(
         data.tokenized, batch_sampler=sampler,
-        collate_fn=lambda b: collate(b, pad_id=tok.pad_token_id, packed=packed, share_prefix=share_prefix),
+        collate_fn=lambda b: collate(b, pad_id=tok.pad_token_id, **layout),
     )
     steps_per_epoch = max(1, len(loader) // tc.grad_accum)
     total = tc.max_steps or max(1, math.ceil(tc.epochs * steps_per_epoch))

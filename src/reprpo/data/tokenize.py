@@ -180,16 +180,34 @@ def common_prefix_len(pairs: list[TokenizedPair]) -> int:
     return max(h, 0)
 
 
-def collate_packed(pairs: list[TokenizedPair], *, pad_id: int, share_prefix: bool = False, min_prefix: int = 16) -> PairBatch:
+def scoring_prefix_len(pairs: list[TokenizedPair], *, min_prefix: int = 16) -> int | None:
+    """For no-grad passes over a whole set: the header common to all its prompts, if at least
+    `min_prefix` tokens (then every batch uses it and its encoding is computed once), else None
+    (batches find their own prefix)."""
+    if len(pairs) < 2:
+        return None
+    h = common_prefix_len(pairs)
+    return h if h >= min_prefix else None
+
+
+def collate_packed(pairs: list[TokenizedPair], *, pad_id: int, share_prefix: bool = False, min_prefix: int = 16,
+                   prefix_len: int | None = None) -> PairBatch:
     """Packed layout (shared prompt prefix): one row per pair, prompt + chosen + rejected.
 
     With `share_prefix`, the tokens that begin every prompt of the batch (e.g. a template
     header), when there are at least `min_prefix` of them and two or more pairs, are taken out
     of the rows into `prefix_ids`: the decoder encodes them once and every row attends to them
-    (`forward.run_decoder`); row positions then start at h."""
-    h = common_prefix_len(pairs) if share_prefix and len(pairs) > 1 else 0
-    if h < max(1, min_prefix):
-        h = 0
+    (`forward.run_decoder`); row positions then start at h. `prefix_len` fixes h instead (e.g.
+    the header common to a whole scoring set, so one encoding serves every batch, even of one
+    pair); it must not exceed `common_prefix_len` of the batch."""
+    if prefix_len is not None:
+        h = prefix_len
+        if h > common_prefix_len(pairs):
+            raise ValueError(f"prefix_len {h} exceeds the prefix these {len(pairs)} prompts share ({common_prefix_len(pairs)})")
+    else:
+        h = common_prefix_len(pairs) if share_prefix and len(pairs) > 1 else 0
+        if h < max(1, min_prefix):
+            h = 0
     prefix = torch.tensor(pairs[0].prompt_ids[:h], dtype=torch.long) if h else None
     if h:
         pairs = [TokenizedPair(p.prompt_ids[h:], p.chosen_ids, p.rejected_ids, p.index) for p in pairs]
@@ -224,8 +242,9 @@ def collate_packed(pairs: list[TokenizedPair], *, pad_id: int, share_prefix: boo
                      torch.tensor([p.index for p in pairs], dtype=torch.long), pos + h, allow, prefix)
 
 
-def collate(pairs: list[TokenizedPair], *, pad_id: int, packed: bool, share_prefix: bool = False) -> PairBatch:
+def collate(pairs: list[TokenizedPair], *, pad_id: int, packed: bool, share_prefix: bool = False,
+            prefix_len: int | None = None) -> PairBatch:
     """`packed`: shared-prompt layout (`collate_packed`, optionally with a batch prefix); else padded."""
     if packed:
-        return collate_packed(pairs, pad_id=pad_id, share_prefix=share_prefix)
+        return collate_packed(pairs, pad_id=pad_id, share_prefix=share_prefix, prefix_len=prefix_len)
     return collate_pairs(pairs, pad_id=pad_id)
