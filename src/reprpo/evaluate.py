@@ -166,7 +166,7 @@ def evaluate_run(cfg, *, adapter_dir: str | Path | None, out: Path) -> tuple[pd.
 
     forward.PACKED_ATTENTION["impl"] = forward.resolve_packed_attention(sp.packed_attention, training=False, device_type=device)
     table, per_pair = evaluate_splits(model, tok, splits, batch_size=cfg.eval.batch_size, with_adapter=adapter_dir is not None,
-                                      packed=sp.share_prompt, share_prefix=sp.share_prompt and sp.share_prefix and forward.prefix_supported(model),
+                                      packed=sp.share_prompt, share_prefix=sp.share_prompt and sp.share_prefix and forward.prefix_supported(model),  # train()'s rule, so its reference cache is reused
                                       ref_cache=sp.ref_cache, chunk=sp.logit_chunk)
     write_eval(out, table, per_pair, fmt=cfg.eval.per_pair_format)
     (out / "data.txt").write_text("\n".join(notes) + "\n")

@@ -244,15 +244,9 @@ class ReprMethod(nn.Module):
             for p in self.points:
                 pooled[p.key].append(cache.acts[p.key][:n])
         else:
-            device = next(model.parameters()).device
-            for s in range(0, n, batch_size):
-                batch = collate(data[s : min(n, s + batch_size)], pad_id=pad_id, packed=False).to(device)
-                with adapter_disabled(model):
-                    store, _ = self._acts(model, batch, logps=False)
-                for p in self.points:
-                    hp = self._pool_raw(store[p.key].float(), batch)
-                    b = hp.shape[0] // 2
-                    pooled[p.key].append(torch.stack([hp[:b], hp[b:]], 1).cpu())
+            for key, v in self._reference_pooled(model, data[:n], pad_id=pad_id, batch_size=batch_size,
+                                                 layout={"packed": False}, transformed=False).items():
+                pooled[key].append(v.cpu())
         lm = base_model(model).get_output_embeddings().weight if mc.transform == "unembed_null" else None
         k = mc.k if mc.transform in ("pca", "hra", "ether", "ortho") else None
         device = next(model.parameters()).device
@@ -273,6 +267,14 @@ class ReprMethod(nn.Module):
         steps run no reference forward (kept in memory; the linear case uses the disk cache).
         `layout` is the training batches' collate layout, so at init the policy's pooled values
         equal these bit for bit, as they would with an online reference pass."""
+        self._fixed_ref = self._reference_pooled(model, data, pad_id=pad_id, batch_size=batch_size, layout=layout, transformed=True)
+        self._fixed_row = {p.index: i for i, p in enumerate(data)}
+
+    @torch.no_grad()
+    def _reference_pooled(self, model, data: list[TokenizedPair], *, pad_id: int, batch_size: int, layout: dict,
+                          transformed: bool) -> dict[str, torch.Tensor]:
+        """Reference passes (adapter off) over `data`: per point, the pooled raw activations or,
+        with `transformed`, the pooled T(activations) -> (n, 2, d or k), [chosen, rejected]."""
         device = next(model.parameters()).device
         chunks: dict[str, list[torch.Tensor]] = {p.key: [] for p in self.points}
         for s in range(0, len(data), batch_size):
@@ -280,11 +282,10 @@ class ReprMethod(nn.Module):
             with adapter_disabled(model):
                 store, _ = self._acts(model, batch, logps=False)
             for p in self.points:
-                v = self._pooled(p.key, store, batch)  # (2b, k)
+                v = self._pooled(p.key, store, batch) if transformed else self._pool_raw(store[p.key].float(), batch)  # (2b, ·)
                 b = v.shape[0] // 2
                 chunks[p.key].append(torch.stack([v[:b], v[b:]], 1))
-        self._fixed_ref = {k: torch.cat(v) for k, v in chunks.items()}
-        self._fixed_row = {p.index: i for i, p in enumerate(data)}
+        return {k: torch.cat(v) for k, v in chunks.items()}
 
     def step(self, model, batch: PairBatch):
         return nullcontext()
