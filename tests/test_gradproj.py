@@ -276,3 +276,88 @@ def test_mismatched_directions_are_refused(lora):
             pol.logp_sum.sum().backward()
     model.zero_grad(set_to_none=True)
     assert _n_hooks(model) == (0, 0)
+
+
+def _packed(tok, idx):
+    from reprpo.data.tokenize import collate_packed
+
+    pairs = [PreferencePair(*TEXTS[i]) for i in idx]
+    return collate_packed(tokenize_pairs(pairs, tok, max_length=64, max_prompt_length=32)[0], pad_id=tok.pad_token_id)
+
+
+def _grads_layout(model, batch, method):
+    """{param: grad} of DPO(batch) inside method(model, dirs, rows) (the batch's own layout)."""
+    model.zero_grad(set_to_none=True)
+    dirs, ref = reference_directions(model, batch)
+    with method(model, dirs, batch.row_pair):
+        pol = sequence_logps(model, batch)
+        dpo_loss(*pol.chosen_rejected(), *ref.chosen_rejected(), beta=0.1)[0].mean().backward()
+    out = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return out
+
+
+@pytest.mark.parametrize(
+    "method",
+    [lambda m, d, r: projgrad(m, d, beta=0.0, rows=r), lambda m, d, r: projgrad(m, d, beta=0.3, rows=r),
+     lambda m, d, r: projbp(m, d, beta=0.0, rows=r), lambda m, d, r: projbp(m, d, beta=0.2, rows=r)],
+    ids=["projgrad0", "projgrad0.3", "projbp0", "projbp0.2"],
+)
+def test_shared_prompt_layout_gives_the_padded_gradients(lora, method):
+    """Both projections are linear in g per pair, so a shared prompt token carrying g⁺ + g⁻
+    is projected as the two padded rows are: every LoRA gradient matches the padded layout,
+    for prompts of different lengths in one batch. The directions match too."""
+    model, tok = lora
+    idx = [0, 1, 2, 3]
+    padded, packed = _batch(tok, idx), _packed(tok, idx)
+    assert packed.input_ids.shape[0] == 4 and padded.input_ids.shape[0] == 8
+    d_pad, _ = reference_directions(model, padded)
+    d_pack, _ = reference_directions(model, packed)
+    for n in d_pad:
+        assert torch.allclose(d_pack[n], d_pad[n], atol=1e-5), n
+    want, got = _grads_layout(model, padded, method), _grads_layout(model, packed, method)
+    _assert_close(got, want, tol=1e-4)
+    dpo = _grads(model, [padded])
+    assert not all(torch.allclose(got[n], dpo[n], atol=1e-7) for n in dpo)  # the projection acted
+
+
+def test_leaky_and_renorm_refuse_the_shared_prompt_layout(lora):
+    model, tok = lora
+    batch = _packed(tok, [0, 1])
+    dirs, _ = reference_directions(model, batch)
+    for kw in ({"rectify": "leaky"}, {"renorm": True}):
+        with pytest.raises(ValueError, match="padded"):
+            with projbp(model, dirs, beta=0.0, rows=batch.row_pair, **kw):
+                sequence_logps(model, batch)
+    assert _n_hooks(model) == (0, 0)
+
+
+def test_cached_directions_equal_online_ones(lora, tmp_path, monkeypatch):
+    """build_ref_cache(directions=...) stores u_b per pair and module; a batch's lookup equals
+    reference_directions on that batch (padded and shared-prompt layouts). On disk they come
+    back memory-mapped and equal; another module set is another cache file."""
+    import reprpo.refcache as rc
+    from reprpo.data.tokenize import collate
+    from reprpo.refcache import build_ref_cache
+
+    monkeypatch.setenv("REPRPO_CACHE", str(tmp_path / "c"))
+    model, tok = lora
+    pairs = tokenize_pairs([PreferencePair(*t) for t in TEXTS], tok, max_length=64, max_prompt_length=32)[0]
+    for packed in (False, True):
+        cache = build_ref_cache(model, pairs, pad_id=tok.pad_token_id, packed=packed, batch_size=3,
+                                directions=lora_modules(model))
+        with monkeypatch.context() as mp:
+            mp.setattr(rc, "sequence_logps", lambda *a, **k: (_ for _ in ()).throw(AssertionError("recomputed")))
+            again = build_ref_cache(model, pairs, pad_id=tok.pad_token_id, packed=packed, batch_size=3,
+                                    directions=lora_modules(model))
+            assert all(torch.equal(again.dirs[n], cache.dirs[n]) for n in cache.dirs)
+            with pytest.raises(AssertionError, match="recomputed"):
+                build_ref_cache(model, pairs, pad_id=tok.pad_token_id, packed=packed, batch_size=3,
+                                directions={TOP: lora_modules(model)[TOP]})
+        assert set(cache.dirs) == set(lora_modules(model)) and cache.dirs[TOP].shape[0] == 4
+        batch = collate([pairs[i] for i in (3, 1)], pad_id=tok.pad_token_id, packed=packed)
+        got = cache.lookup(batch)
+        want, ref = reference_directions(model, batch)
+        for n in want:
+            assert torch.allclose(got.dirs[n], want[n], atol=1e-5), (packed, n)
+        assert torch.allclose(got.logps.logp_sum, ref.logp_sum, atol=1e-4)

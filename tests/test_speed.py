@@ -32,7 +32,8 @@ def _losses(tmp_path, method, name, **over):
     return pd.read_csv(out / "metrics.csv")
 
 
-@pytest.mark.parametrize("method", ["dpo", "ipo", "hs-pca-prefvec", "hs-ortho-mse", "side-none-innerdpo", "hs-suppressed-prefvec"])
+@pytest.mark.parametrize("method", ["dpo", "ipo", "hs-pca-prefvec", "hs-ortho-mse", "side-none-innerdpo", "hs-suppressed-prefvec",
+                                    "projgrad", "projbp"])
 def test_each_speedup_leaves_losses_unchanged(method, tmp_path):
     """Same seed, same batches: all levers on vs all off vs each alone on -> same losses at
     steps 1 and 2 (step 2's loss depends on step 1's gradients, so this checks the gradients
@@ -74,6 +75,28 @@ def test_cached_reference_runs_no_reference_forward(tmp_path, monkeypatch):
             calls["n"] = 0
             train(_cfg(tmp_path, method, f"{method}-{steps}", **{"train.max_steps": steps, "train.batch_size": 3}))
             assert calls["n"] == 3, (method, steps, calls["n"])
+
+
+@pytest.mark.parametrize("method", ["projgrad", "projbp"])
+def test_gradient_methods_read_directions_from_the_cache(method, tmp_path, monkeypatch):
+    """With the reference cache, projgrad/projbp take u_b and ℓ_ref from it: no reference pass
+    in the loop (one per step without it), and the shared-prompt layout."""
+    import reprpo.gradproj as gp
+    from reprpo.train import train
+
+    calls = {"n": 0}
+    real = gp.reference_directions
+
+    def counting(model, batch):
+        calls["n"] += 1
+        return real(model, batch)
+
+    monkeypatch.setattr(gp, "reference_directions", counting)
+    out = train(_cfg(tmp_path, method, "cached"))
+    assert calls["n"] == 0
+    assert json.loads((out / "train_report.json").read_text())["layout"] == "shared-prompt"
+    train(_cfg(tmp_path, method, "online", **{"speed.ref_cache": False}))
+    assert calls["n"] == 2  # one per step
 
 
 def test_cache_is_reused_and_validated(tiny, tmp_path, monkeypatch):
@@ -166,8 +189,8 @@ def test_train_report_records_layout_and_waste(tmp_path):
     assert 0 <= rep["pad_waste"] < 1
     m = pd.read_csv(out / "metrics.csv")
     assert "pad_waste" in m and math.isfinite(m.pad_waste.iloc[-1])
-    # gradient methods fall back to the padded layout (their hooks read [chosen; rejected] rows)
-    out = train(_cfg(tmp_path, "projgrad", "g"))
+    # projbp's leaky rectifier acts per response row: it falls back to the padded layout
+    out = train(_cfg(tmp_path, "projbp", "g", **{"method.projbp_rectify": "leaky"}))
     assert json.loads((out / "train_report.json").read_text())["layout"] == "padded"
 
 

@@ -4,13 +4,20 @@ projgrad  ∇B ← Σ_b [u_b u_bᵀ + β(I − u_b u_bᵀ)] ∇B_b     on each L
 projbp    g ← s(⟨g,u_b⟩)u_b + β(g − ⟨g,u_b⟩u_b)       on each adapted module's output gradient
 u_b = normalise(pooled(out⁺_ref) − pooled(out⁻_ref)), one per pair and module (DESIGN §3, §5).
 
-Shapes: b pairs, r = 2b rows (rows [0, b) chosen, [b, 2b) rejected; a pair's two rows share
-u_b), t tokens, o = d_out of a module, k LoRA rank. Projections are computed in float32.
+Shapes: b pairs, R input rows, t tokens, o = d_out of a module, k LoRA rank. Padded layout:
+R = 2b rows [chosen; rejected], a pair's two rows share u_b; shared-prompt layout: R = b rows
+prompt + chosen + rejected, one per pair (`PairBatch.row_pair` maps rows to pairs).
+Projections are computed in float32.
 
 Usage (the policy forward AND backward happen inside the context):
-    dirs, ref = reference_directions(model, batch)
-    with projgrad(model, dirs, beta=0.0):
+    dirs, ref = reference_directions(model, batch)     # or from the reference cache
+    with projgrad(model, dirs, beta=0.0, rows=batch.row_pair):
         pol = sequence_logps(model, batch); loss = dpo_loss(...)[0].mean(); loss.backward()
+
+Both projections are linear in the gradient per pair (projbp with identity s and no renorm), so
+in the shared-prompt layout, where a prompt token carries the sum of its chosen and rejected
+gradients, they give the padded layout's result; leaky s and renorm act per response row and
+need the padded layout.
 
 (differs: the earlier code used sample 0's direction for the whole batch, projected LoRA-A in
 the wrong space and re-projected accumulated gradients. Here each pair's contribution is
@@ -68,6 +75,19 @@ def _lora_B(name: str, m: nn.Module) -> nn.Linear:
     return m.lora_B[_active_adapter(name, m)]
 
 
+def pooled_outputs(y: Tensor, batch: PairBatch) -> Tensor:
+    """A module's output over the input rows (R, t, o) -> mean over each output row's response
+    tokens (2b, o), float32: rows [0, b) chosen, [b, 2b) rejected."""
+    m = batch.response_mask.to(device=y.device, dtype=torch.float32)[..., None]  # (2b, t, 1)
+    return (y.float()[batch.rows.to(y.device)] * m).sum(1) / m.sum(1).clamp(min=1)
+
+
+def directions_from_pooled(p: Tensor) -> Tensor:
+    """(2b, o) pooled [chosen; rejected] -> u_b = normalise(p⁺ − p⁻), (b, o); 0 where p⁺ = p⁻."""
+    b = p.shape[0] // 2
+    return F.normalize(p[:b] - p[b:], dim=-1)
+
+
 @torch.no_grad()
 def reference_directions(model, batch: PairBatch) -> tuple[dict[str, Tensor], SeqLogps]:
     """u_b = normalise(pooled(out⁺_ref) − pooled(out⁻_ref)) per LoRA module, (b, o) float32; + ℓ_ref.
@@ -75,20 +95,20 @@ def reference_directions(model, batch: PairBatch) -> tuple[dict[str, Tensor], Se
     One reference pass (adapter off): forward hooks capture each wrapped module's output (the
     base layer's, d_out wide), mean-pooled over response tokens per row; the same pass returns
     the reference log-probs, so DPO needs no second reference forward. A pair whose two responses
-    give identical pooled outputs has no direction: its u_b is 0 (F.normalize)."""
+    give identical pooled outputs has no direction: its u_b is 0 (F.normalize). Either layout;
+    not with a batch prefix (its tokens belong to every pair)."""
     mods = lora_modules(model)
     if not mods:
         raise ValueError("the model has no LoRA-wrapped Linear modules: projgrad/projbp need a LoRA adapter (see train.make_lora).")
-    mask = batch.response_mask.float()  # (r, t)
+    if batch.prefix_len:
+        raise ValueError("projgrad/projbp need each pair's own tokens: collate without a batch prefix (share_prefix=False).")
     pooled: dict[str, Tensor] = {}
 
     def capture(name: str):
         def hook(mod, args, out):
             if name in pooled:
                 raise RuntimeError(f"{name} ran twice in one forward; reference directions assume one call per module.")
-            y = out.float()  # (r, t, o)
-            m = mask.to(y.device)[..., None]  # (r, t, 1)
-            pooled[name] = (y * m).sum(1) / m.sum(1).clamp(min=1)  # (r, o)
+            pooled[name] = pooled_outputs(out, batch)  # (2b, o)
 
         return hook
 
@@ -101,13 +121,11 @@ def reference_directions(model, batch: PairBatch) -> tuple[dict[str, Tensor], Se
     finally:
         for h in handles:
             h.remove()
-    b = batch.n_pairs
     dirs = {}
     for n in mods:
         if n not in pooled:
             raise RuntimeError(f"{n} was not called in the reference forward; cannot compute its direction.")
-        p = pooled[n]  # (r, o)
-        dirs[n] = F.normalize(p[:b] - p[b:], dim=-1)  # (b, o)
+        dirs[n] = directions_from_pooled(pooled[n])  # (b, o)
     return dirs, ref
 
 
@@ -122,25 +140,29 @@ def _checked_modules(model, dirs: dict[str, Tensor]) -> dict[str, nn.Module]:
     return mods
 
 
-def _rows_u(u: Tensor, rows: int, name: str) -> Tensor:
-    """(b, o) -> (r, o): row i and row b + i both use u_i."""
-    if rows != 2 * u.shape[0]:
+def _rows_u(u: Tensor, n_rows: int, name: str, rows: Tensor | None = None) -> Tensor:
+    """(b, o) -> (R, o): each input row's pair direction. `rows` (R,) gives the pair of each
+    input row (PairBatch.row_pair); None is the padded layout, where rows i and b + i use u_i."""
+    b = u.shape[0]
+    if rows is None:
+        rows = torch.arange(2 * b) % max(b, 1)
+    if n_rows != rows.shape[0] or (rows.numel() and int(rows.max()) >= b):
         raise RuntimeError(
-            f"{name}: directions are for {u.shape[0]} pairs but the forward has {rows} rows; "
-            "compute reference_directions on the same batch as the policy pass."
+            f"{name}: directions are for {b} pairs but the forward has {n_rows} rows (expected {rows.shape[0]}); "
+            "compute reference_directions on the same batch as the policy pass and pass rows=batch.row_pair."
         )
-    return torch.cat([u, u]).float()
+    return u.float()[rows.to(u.device)]
 
 
-def projected_weight_grad(g: Tensor, a: Tensor, u: Tensor, *, beta: float) -> Tensor:
+def projected_weight_grad(g: Tensor, a: Tensor, u: Tensor, *, beta: float, rows: Tensor | None = None) -> Tensor:
     """∇B = Σ_b [u_b u_bᵀ G_b + β(I − u_b u_bᵀ) G_b],  G_b = Σ_{rows of pair b, t} g_t a_tᵀ
-    ours (DESIGN §5 projgrad), per pair; g (r, t, o) grad of lora_B's output, a (r, t, k) its input,
-    u (b, o) -> (o, k) float32.
+    ours (DESIGN §5 projgrad), per pair; g (R, t, o) grad of lora_B's output, a (R, t, k) its input,
+    u (b, o), `rows` the pair of each input row (None: padded) -> (o, k) float32.
 
     Since u_bᵀ G_b = Σ_{rows, t} ⟨g_t, u_b⟩ a_tᵀ, no per-pair (o, k) matrix is formed."""
     r, o, k = g.shape[0], g.shape[-1], a.shape[-1]
-    g, a = g.float().reshape(r, -1, o), a.float().reshape(r, -1, k)  # (r, t, o), (r, t, k)
-    uu = _rows_u(u.to(g.device), r, "projgrad")  # (r, o)
+    g, a = g.float().reshape(r, -1, o), a.float().reshape(r, -1, k)  # (R, t, o), (R, t, k)
+    uu = _rows_u(u.to(g.device), r, "projgrad", rows)  # (R, o)
     s = torch.einsum("rto,ro->rt", g, uu)  # ⟨g_t, u_b⟩
     c = torch.einsum("rt,rtk->rk", s, a)  # u_bᵀ G_row
     along = torch.einsum("ro,rk->ok", uu, c)  # Σ_b u_b u_bᵀ G_b
@@ -151,9 +173,10 @@ def projected_weight_grad(g: Tensor, a: Tensor, u: Tensor, *, beta: float) -> Te
 
 
 @contextmanager
-def projgrad(model, dirs: dict[str, Tensor], *, beta: float) -> Iterator[None]:
+def projgrad(model, dirs: dict[str, Tensor], *, beta: float, rows: Tensor | None = None) -> Iterator[None]:
     """∇B ← Σ_b [u_b u_bᵀ + β(I − u_b u_bᵀ)] ∇B_b on every LoRA-B weight; LoRA-A untouched.
     ours (DESIGN §5 "projgrad"); β = 0 keeps only the preference directions, β = 1 is plain DPO.
+    `rows`: the pair of each input row of the batch (PairBatch.row_pair); None: padded layout.
 
     LoRA-B's gradient (o × k) has its columns in the module's output space, where u_b lives, so
     it is projected. LoRA-A's gradient (k × d_in) lives in the input space, where u_b means
@@ -176,11 +199,11 @@ def projgrad(model, dirs: dict[str, Tensor], *, beta: float) -> Iterator[None]:
         def hook(lin, args, y):
             if not (torch.is_grad_enabled() and y.requires_grad):
                 return
-            a = args[0].detach()  # (r, t, k)
-            _rows_u(u, y.shape[0], name)  # fail in the forward, not deep inside backward
+            a = args[0].detach()  # (R, t, k)
+            _rows_u(u, y.shape[0], name, rows)  # fail in the forward, not deep inside backward
 
-            def on_grad(g):  # g: (r, t, o), fires before lora_B.weight's gradient
-                w = projected_weight_grad(g, a, u, beta=beta)
+            def on_grad(g):  # g: (R, t, o), fires before lora_B.weight's gradient
+                w = projected_weight_grad(g, a, u, beta=beta, rows=rows)
                 stash[name] = stash[name] + w if name in stash else w
 
             grad_handles.append(y.register_hook(on_grad))
@@ -213,16 +236,23 @@ def projgrad(model, dirs: dict[str, Tensor], *, beta: float) -> Iterator[None]:
         stash.clear()
 
 
+def projbp_needs_padded(rectify: str, renorm: bool) -> bool:
+    """leaky s and renorm are not linear in g: a shared prompt token's summed chosen + rejected
+    gradient would be rewritten differently from the two rows' separate gradients."""
+    return rectify != "identity" or renorm
+
+
 def rewrite_grad_output(
-    g: Tensor, u: Tensor, *, beta: float, rectify: str = "identity", leak: float = 0.0, renorm: bool = False
+    g: Tensor, u: Tensor, *, beta: float, rectify: str = "identity", leak: float = 0.0, renorm: bool = False,
+    rows: Tensor | None = None,
 ) -> Tensor:
-    """g ← s(⟨g,u_b⟩)u_b + β(g − ⟨g,u_b⟩u_b) per row and token; g (r, t, o), u (b, o) -> (r, t, o).
-    ours (DESIGN §5 "projbp").
+    """g ← s(⟨g,u_b⟩)u_b + β(g − ⟨g,u_b⟩u_b) per row and token; g (R, t, o), u (b, o) -> (R, t, o).
+    ours (DESIGN §5 "projbp"). `rows`: the pair of each input row (None: padded [chosen; rejected]).
 
     s = identity, or "leaky": descent moves activations by −g, so a chosen row's component is
     kept when ⟨g,u⟩ < 0 (moves along +u), a rejected row's when ⟨g,u⟩ > 0 (moves along −u); the
     other sign is multiplied by `leak`. renorm: rescale each token's new g to the old ‖g‖
-    (a token whose new g is 0 stays 0).
+    (a token whose new g is 0 stays 0). Both need the padded layout (`projbp_needs_padded`).
 
     Worked, u = (1, 0), g = (2, 3), ⟨g,u⟩ = 2, β = 0.5:
       identity: 2·(1, 0) + 0.5·((2, 3) − (2, 0)) = (2, 1.5)
@@ -232,14 +262,19 @@ def rewrite_grad_output(
     if rectify not in RECTIFY:
         raise ValueError(f"projbp rectify={rectify!r}; choose one of {RECTIFY}.")
     r, b, o = g.shape[0], u.shape[0], g.shape[-1]
-    g32 = g.float().reshape(r, -1, o)  # (r, t, o)
-    uu = _rows_u(u.to(g.device), r, "projbp")[:, None, :]  # (r, 1, o)
-    s = (g32 * uu).sum(-1, keepdim=True)  # (r, t, 1) ⟨g, u_b⟩
+    if projbp_needs_padded(rectify, renorm) and r != 2 * b:
+        raise ValueError(f"projbp rectify={rectify} / renorm={renorm} act per response row: they need the padded "
+                         f"[chosen; rejected] layout ({2 * b} rows, got {r}); set speed.share_prompt false.")
+    g32 = g.float().reshape(r, -1, o)  # (R, t, o)
+    uu = _rows_u(u.to(g.device), r, "projbp", rows)  # (R, o)
+    s = torch.einsum("rto,ro->rt", g32, uu)[..., None]  # (R, t, 1) ⟨g, u_b⟩
     s_new = s
     if rectify == "leaky":
         want = torch.cat([-torch.ones(b), torch.ones(b)]).to(g.device)[:, None, None]  # sign kept: chosen −, rejected +
         s_new = torch.where(s * want > 0, s, leak * s)
-    new = s_new * uu + beta * (g32 - s * uu)  # (r, t, o)
+    new = (s_new - beta * s) * uu[:, None, :]  # s_new·u + β(g − s·u) = β·g + (s_new − β·s)·u
+    if beta:
+        new = new.add_(g32, alpha=beta)
     if renorm:
         new = new * (g32.norm(dim=-1, keepdim=True) / new.norm(dim=-1, keepdim=True).clamp(min=1e-30))
     return new.reshape(g.shape).to(g.dtype)
@@ -254,9 +289,11 @@ def projbp(
     rectify: str = "identity",
     leak: float = 0.0,
     renorm: bool = False,
+    rows: Tensor | None = None,
 ) -> Iterator[None]:
     """g ← s(⟨g,u_b⟩)u_b + β(g − ⟨g,u_b⟩u_b) on the output gradient of every LoRA-wrapped module.
-    ours (DESIGN §5 "projbp"); see `rewrite_grad_output` for s, leak and renorm.
+    ours (DESIGN §5 "projbp"); see `rewrite_grad_output` for s, leak and renorm. `rows`: the pair
+    of each input row (PairBatch.row_pair); None: padded layout.
 
     The rewritten g flows on into the module's own LoRA-A/B and into every module below it, so
     (unlike projgrad) all upstream gradients change. With β = 1, identity, no renorm it is DPO."""
@@ -272,10 +309,12 @@ def projbp(
         def hook(mod, args, y):
             if not (torch.is_grad_enabled() and y.requires_grad):
                 return
-            _rows_u(u, y.shape[0], name)
-            grad_handles.append(
-                y.register_hook(lambda g: rewrite_grad_output(g, u, beta=beta, rectify=rectify, leak=leak, renorm=renorm))
-            )
+            _rows_u(u, y.shape[0], name, rows)
+            if projbp_needs_padded(rectify, renorm) and y.shape[0] != 2 * u.shape[0]:
+                raise ValueError(f"projbp rectify={rectify} / renorm={renorm} act per response row: they need the "
+                                 "padded [chosen; rejected] layout; set speed.share_prompt false.")
+            grad_handles.append(y.register_hook(
+                lambda g: rewrite_grad_output(g, u, beta=beta, rectify=rectify, leak=leak, renorm=renorm, rows=rows)))
 
         return hook
 

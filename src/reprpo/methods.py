@@ -81,10 +81,12 @@ class OutputMethod(nn.Module):
         self.uses_reference = self.name != "simpo"  # so a reference cache helps
         self.cache_points: list[CapturePoint] = []
 
+    cache_dirs = False  # gradient methods: also cache per-pair reference directions
+
     def prepare(self, model, data: list[TokenizedPair], *, pad_id: int, cache=None, layout: dict | None = None) -> None:
         pass
 
-    def step(self, model, batch: PairBatch):
+    def step(self, model, batch: PairBatch, *, ref: RefOut | None = None):
         return nullcontext()
 
     def loss(self, model, batch: PairBatch, *, ref: RefOut | None = None):
@@ -110,24 +112,39 @@ class OutputMethod(nn.Module):
 
 
 class GradMethod(OutputMethod):
-    """projgrad / projbp: DPO whose gradient is projected on the reference preference direction."""
+    """projgrad / projbp: DPO whose gradient is projected on the reference preference direction.
 
-    supports_packing = False  # its hooks read [chosen; rejected] rows
-    supports_prefix = False
+    With the reference cache, the directions u_b come from it with ℓ_ref (no reference forward
+    in the loop); without it, one reference pass per step gives both."""
+
+    supports_prefix = False  # a batch prefix's tokens belong to every pair; u_b is per pair
+    cache_dirs = True  # build_ref_cache stores u_b at every LoRA module
 
     def __init__(self, cfg: RunConfig):
         super().__init__(cfg)
         self._ref = None
-        self.uses_reference = False  # its own reference pass gives directions and ℓ_ref together
+        self.uses_reference = True
+
+    @property
+    def supports_packing(self) -> bool:
+        """The shared-prompt layout gives the padded result when the projection is linear in g:
+        always for projgrad; for projbp unless leaky s or renorm (gradproj.projbp_needs_padded)."""
+        from reprpo.gradproj import projbp_needs_padded
+
+        return self.name == "projgrad" or not projbp_needs_padded(self.mc.projbp_rectify, self.mc.projbp_renorm)
 
     @contextmanager
-    def step(self, model, batch: PairBatch):
+    def step(self, model, batch: PairBatch, *, ref: RefOut | None = None):
         from reprpo.gradproj import projbp, projgrad, reference_directions
 
-        dirs, self._ref = reference_directions(model, batch)  # one reference pass: u_b and ℓ_ref
-        mc = self.mc
-        ctx = (projgrad(model, dirs, beta=mc.proj_beta) if self.name == "projgrad" else
-               projbp(model, dirs, beta=mc.proj_beta, rectify=mc.projbp_rectify, leak=mc.projbp_leak, renorm=mc.projbp_renorm))
+        if ref is not None and ref.dirs:
+            dirs, self._ref = ref.dirs, ref.logps
+        else:
+            dirs, self._ref = reference_directions(model, batch)  # one reference pass: u_b and ℓ_ref
+        mc, rows = self.mc, batch.row_pair
+        ctx = (projgrad(model, dirs, beta=mc.proj_beta, rows=rows) if self.name == "projgrad" else
+               projbp(model, dirs, beta=mc.proj_beta, rectify=mc.projbp_rectify, leak=mc.projbp_leak,
+                      renorm=mc.projbp_renorm, rows=rows))
         try:
             with ctx:
                 yield
@@ -144,6 +161,7 @@ class ReprMethod(nn.Module):
     """Representation preference optimisation: L = w_dpo·DPO + w_repr·loss(T(acts))."""
 
     supports_packing = True
+    cache_dirs = False
 
     @property
     def supports_prefix(self) -> bool:
@@ -287,7 +305,7 @@ class ReprMethod(nn.Module):
                 chunks[p.key].append(torch.stack([v[:b], v[b:]], 1))
         return {k: torch.cat(v) for k, v in chunks.items()}
 
-    def step(self, model, batch: PairBatch):
+    def step(self, model, batch: PairBatch, *, ref: RefOut | None = None):
         return nullcontext()
 
     # -- loss --------------------------------------------------------------------------------

@@ -5,6 +5,9 @@ spec. A cache file whose fingerprint does not match is recomputed, never reused.
 then runs no reference forward, and evaluation reads base scores from the same cache.
 Pooled activations are stored *before* any transform: methods whose transform is linear apply
 it to the pooled vector (T(Σ w h) = Σ w T(h)); the others compute the reference online.
+Gradient methods (projgrad, projbp) store their per-pair reference directions u_b at every
+LoRA-wrapped module (Σ d_out floats per pair: about 0.6 MB for SmolLM2-135M); the file is
+memory-mapped on load, so a large set costs disk, not RAM.
 """
 
 from __future__ import annotations
@@ -24,10 +27,12 @@ from reprpo.forward import SeqLogps, adapter_disabled, base_model, sequence_logp
 
 @dataclass
 class RefOut:
-    """Reference quantities for one batch: log-probs (2b,) and pooled activations (2b, d)."""
+    """Reference quantities for one batch: log-probs (2b,), pooled activations (2b, d) and
+    gradient-method directions (b, o)."""
 
     logps: SeqLogps
     acts: dict[str, torch.Tensor] = field(default_factory=dict)
+    dirs: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -37,6 +42,7 @@ class RefCache:
     logp_sum: torch.Tensor  # (n, 2) chosen, rejected
     n_tokens: torch.Tensor  # (n, 2)
     acts: dict[str, torch.Tensor] = field(default_factory=dict)  # key -> (n, 2, d)
+    dirs: dict[str, torch.Tensor] = field(default_factory=dict)  # LoRA module name -> u (n, o)
     _row: dict[int, int] = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
@@ -46,7 +52,8 @@ class RefCache:
         rows = torch.tensor([self._row[int(i)] for i in batch.index.tolist()])
         dev = batch.input_ids.device
         two = lambda x: torch.cat([x[rows, 0], x[rows, 1]]).to(dev)  # (2b, ...) chosen then rejected
-        return RefOut(SeqLogps(two(self.logp_sum), two(self.n_tokens)), {k: two(v) for k, v in self.acts.items()})
+        return RefOut(SeqLogps(two(self.logp_sum), two(self.n_tokens)), {k: two(v) for k, v in self.acts.items()},
+                      {k: v[rows].to(dev) for k, v in self.dirs.items()})
 
 
 def model_fingerprint(model) -> str:
@@ -93,19 +100,26 @@ def build_ref_cache(
     outlier_quantile: float = 0.0,
     chunk: int = 2048,
     use_disk: bool = True,
+    directions: dict[str, torch.nn.Module] | None = None,
 ) -> RefCache:
-    """Reference log-probs (and pooled activations at `points`) of every pair, from disk when a
+    """Reference log-probs (and pooled activations at `points`, and projgrad/projbp directions
+    at the `directions` modules, name -> LoRA-wrapped module) of every pair, from disk when a
     cache with the same fingerprint exists, else computed (adapter off) and saved."""
+    from reprpo.gradproj import directions_from_pooled, pooled_outputs
+
     points = points or []
+    directions = directions or {}
+    dir_points = [CapturePoint(f"dir.{n}", -1, m, "output") for n, m in sorted(directions.items())]
     spec = {"model": model_fingerprint(model), "data": data_fingerprint(pairs), "packed": packed, "share_prefix": share_prefix,
-            "points": [p.key for p in points], "pooling": pooling, "outlier_quantile": outlier_quantile}
+            "points": [p.key for p in points], "pooling": pooling, "outlier_quantile": outlier_quantile,
+            "directions": sorted(directions)}
     fp = hashlib.blake2b(json.dumps(spec, sort_keys=True).encode(), digest_size=16).hexdigest()
     path = cache_root() / f"{fp}.pt"
     if use_disk and path.is_file():
         try:
-            d = torch.load(path, map_location="cpu", weights_only=True)
+            d = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             if d.get("fingerprint") == fp and d["pair_index"].tolist() == [p.index for p in pairs]:
-                return RefCache(fp, d["pair_index"], d["logp_sum"], d["n_tokens"], d["acts"])
+                return RefCache(fp, d["pair_index"], d["logp_sum"], d["n_tokens"], d["acts"], d.get("dirs", {}))
         except Exception:  # noqa: BLE001 - a broken cache file is recomputed
             pass
     device = next(model.parameters()).device
@@ -113,6 +127,7 @@ def build_ref_cache(
     logp = torch.zeros(n, 2)
     ntok = torch.zeros(n, 2, dtype=torch.long)
     acts: dict[str, torch.Tensor] = {}
+    dirs: dict[str, torch.Tensor] = {}
     prefix_store: dict = {}  # a template header shared by the batches is encoded once
     prefix_h = scoring_prefix_len(pairs) if packed and share_prefix else None
     was_training = model.training
@@ -122,7 +137,7 @@ def build_ref_cache(
             chunk_pairs = pairs[s : s + batch_size]
             batch = collate(chunk_pairs, pad_id=pad_id, packed=packed, share_prefix=share_prefix, prefix_len=prefix_h).to(device)
             b = len(chunk_pairs)
-            with adapter_disabled(model), capture(points) as store:
+            with adapter_disabled(model), capture(points + dir_points) as store:  # with a batch prefix, the rows' call comes last
                 lp = sequence_logps(model, batch, chunk=chunk, prefix_store=prefix_store)
             logp[s : s + b] = torch.stack(lp.chosen_rejected(), 1).float().cpu()
             ntok[s : s + b] = torch.stack([lp.n_tokens[:b], lp.n_tokens[b:]], 1).cpu()
@@ -132,13 +147,19 @@ def build_ref_cache(
                 if p.key not in acts:
                     acts[p.key] = torch.zeros(n, 2, h.shape[-1])
                 acts[p.key][s : s + b] = torch.stack([h[:b], h[b:]], 1).cpu()
+            for p in dir_points:
+                u = directions_from_pooled(pooled_outputs(store[p.key], batch))  # (b, o)
+                name = p.key[len("dir."):]
+                if name not in dirs:
+                    dirs[name] = torch.zeros(n, u.shape[-1])
+                dirs[name][s : s + b] = u.cpu()
     finally:
         model.train(was_training)
-    cache = RefCache(fp, torch.tensor([p.index for p in pairs]), logp, ntok, acts)
+    cache = RefCache(fp, torch.tensor([p.index for p in pairs]), logp, ntok, acts, dirs)
     if use_disk:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
         torch.save({"fingerprint": fp, "spec": spec, "pair_index": cache.pair_index, "logp_sum": logp,
-                    "n_tokens": ntok, "acts": acts}, tmp)
+                    "n_tokens": ntok, "acts": acts, "dirs": dirs}, tmp)
         tmp.replace(path)
     return cache

@@ -19,6 +19,7 @@ from reprpo.config import RunConfig, save_yaml
 from reprpo.data.prepare import prepare
 from reprpo.data.tokenize import collate, scoring_prefix_len
 from reprpo.errors import ConfigError
+from reprpo.gradproj import lora_modules
 from reprpo.memory import keep_freed_memory
 from reprpo.methods import build_method
 from reprpo.models import load_model_and_tokenizer
@@ -158,7 +159,8 @@ def train(cfg: RunConfig) -> Path:
     if sp.ref_cache and method.uses_reference:  # one reference pass now, none in the loop
         cache = build_ref_cache(model, data.tokenized, pad_id=tok.pad_token_id, packed=packed, share_prefix=share_prefix,
                                 batch_size=tc.batch_size, points=method.cache_points, pooling=cfg.method.pooling,
-                                outlier_quantile=cfg.method.outlier_quantile, chunk=sp.logit_chunk)
+                                outlier_quantile=cfg.method.outlier_quantile, chunk=sp.logit_chunk,
+                                directions=lora_modules(model) if method.cache_dirs else None)
     t_cache = time.time() - t_cache
     method.prepare(model, data.tokenized, pad_id=tok.pad_token_id, cache=cache, layout=layout)  # e.g. fit pca, size frames
     method.to(acc.device)
@@ -190,7 +192,7 @@ def train(cfg: RunConfig) -> Path:
         for batch in loader:
             with acc.accumulate(model):
                 ref = cache.lookup(batch) if cache is not None else None
-                with method.step(model, batch):  # gradient methods hook forward + backward here
+                with method.step(model, batch, ref=ref):  # gradient methods hook forward + backward here
                     loss, metrics = method.loss(model, batch, ref=ref)
                     acc.backward(loss)
                 real_tokens += batch.n_tokens

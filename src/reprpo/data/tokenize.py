@@ -137,6 +137,12 @@ class PairBatch:
         return self.allow is not None
 
     @property
+    def row_pair(self) -> torch.Tensor:
+        """(R,) the pair each input row belongs to: padded i mod b, packed i."""
+        r = self.input_ids.shape[0]
+        return torch.arange(r, device=self.input_ids.device) % self.n_pairs
+
+    @property
     def prefix_len(self) -> int:
         return 0 if self.prefix_ids is None else int(self.prefix_ids.shape[0])
 
