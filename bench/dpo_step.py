@@ -3,6 +3,7 @@
     python bench/dpo_step.py w1 [--repeats 2]   # ours (all levers on), ours (all off), TRL if installed
     python bench/dpo_step.py w2 [--repeats 2]   # pairs/s of our scorer vs a naive loop, same scores
     python bench/dpo_step.py w3 [--presets a,b] # s/step of representation presets / our DPO
+                                                # (an entry may add options: "dpo --speed.share_prefix false")
     python bench/dpo_step.py w1-match           # all levers off, file order: per-step losses vs TRL
 
 Each program runs in its own subprocess (alternating, so drift hits all alike) and reports
@@ -16,6 +17,7 @@ import json
 import os
 import platform
 import resource
+import shlex
 import statistics
 import subprocess
 import sys
@@ -210,8 +212,9 @@ def main() -> None:
             programs["trl"] = [str(ROOT / "bench" / "trl_w1.py")]
             programs["trl-precompute-ref"] = [str(ROOT / "bench" / "trl_w1.py"), "--precompute-ref"]
     else:
-        presets = [p for p in args.presets.split(",") if p]
-        programs = {"dpo": [me, "_ours"]} | {p: [me, "_ours", "--train.method", p] for p in presets}
+        # an entry may carry options after the preset: "dpo --speed.share_prefix false"
+        presets = [p.strip() for p in args.presets.split(",") if p.strip()]
+        programs = {"dpo": [me, "_ours"]} | {p: [me, "_ours", "--train.method", *shlex.split(p)] for p in presets}
 
     results: dict[str, list[dict]] = {k: [] for k in programs}
     for rnd in range(args.repeats):
