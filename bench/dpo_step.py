@@ -30,7 +30,8 @@ GENIES = ROOT.parent / "shared" / "data" / "genies"
 W1_DATA = GENIES / "us_history_textbook" / "train.json"
 W2_DATA = GENIES / "code_hard" / "test.json"
 OFF = ["--speed.share_prompt", "false", "--speed.ref_cache", "false", "--speed.response_logits", "false",
-       "--speed.length_batches", "false", "--speed.share_prefix", "false", "--speed.keep_memory", "false"]
+       "--speed.length_batches", "false", "--speed.share_prefix", "false", "--speed.keep_memory", "false",
+       "--speed.share_response", "false"]
 W3_PRESETS = ["hs-none-prefvec", "hs-pca-prefvec", "hs-hra-prefvec", "hs-ether-prefvec", "hs-ortho-prefvec",
               "hs-unembed_null-prefvec", "hs-suppressed-prefvec", "hs-none-mse", "hs-none-rank",
               "hs-none-innerdpo", "hs-none-innerpo", "side-none-prefvec", "projgrad", "projbp"]
@@ -112,7 +113,8 @@ def child_w2(program: str, n_pairs: int, batch_size: int) -> None:
     naive: one pair per forward ([chosen; rejected] padded into 2 rows), full logits and a
     log-softmax over the vocabulary, default allocator -- what a plain loop does.
     reprpo: `score_pairs` with every speed lever (length-sorted batches, prompt encoded once,
-    the template header encoded once and reused, logits at response tokens only, sdpa,
+    the template header encoded once and reused, the response tokens chosen and rejected share
+    encoded once, logits at response tokens only, sdpa,
     speed.keep_memory)."""
     import torch
 
@@ -129,7 +131,8 @@ def child_w2(program: str, n_pairs: int, batch_size: int) -> None:
     if program == "reprpo":
         from reprpo.evaluate import score_pairs
 
-        df = score_pairs(model, pairs, pad_id=tok.pad_token_id, batch_size=batch_size, packed=True, share_prefix=True)
+        df = score_pairs(model, pairs, pad_id=tok.pad_token_id, batch_size=batch_size, packed=True, share_prefix=True,
+                         share_response=True)
         scores = list(zip(df.chosen_logp_mean.tolist(), df.rejected_logp_mean.tolist()))
     else:
         scores = []

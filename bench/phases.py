@@ -2,7 +2,8 @@
 
     python bench/phases.py    # medians over 5 repeats after 1 warm-up, speed.keep_memory on
 
-Layouts: shared prompt + batch prefix (the default), shared prompt only, padded [chosen; rejected].
+Layouts: shared prompt + batch prefix + shared response tokens (the default), shared prompt +
+batch prefix, shared prompt only, padded [chosen; rejected].
 """
 
 import statistics
@@ -32,9 +33,9 @@ def main() -> None:
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     from reprpo import forward
 
-    layouts = [("eager", True, True), ("eager", True, False), ("sdpa", False, False)]
-    for impl, packed, prefix in layouts:
-        batch = collate(pairs, pad_id=tok.pad_token_id, packed=packed, share_prefix=prefix)
+    layouts = [("eager", True, True, True), ("eager", True, True, False), ("eager", True, False, False), ("sdpa", False, False, False)]
+    for impl, packed, prefix, response in layouts:
+        batch = collate(pairs, pad_id=tok.pad_token_id, packed=packed, share_prefix=prefix, share_response=response)
         forward.PACKED_ATTENTION["impl"] = impl
         _, head = decoder_and_head(model)
         times: dict[str, list[float]] = {"decoder fwd": [], "head+logsoftmax": [], "backward": [], "optimizer": []}
@@ -57,8 +58,8 @@ def main() -> None:
                 for k, v in zip(times, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
                     times[k].append(v)
         med = {k: statistics.median(v) for k, v in times.items()}
-        name = ("shared prompt + batch prefix" if prefix else "shared prompt") if packed else "padded"
-        print(f"{name:28s} {impl:5s} tokens {batch.n_slots:5d} | "
+        name = ("shared prompt" + (" + batch prefix" if prefix else "") + (" + response" if response else "")) if packed else "padded"
+        print(f"{name:39s} {impl:5s} tokens {batch.n_slots:5d} | "
               + " | ".join(f"{k} {v:.2f}s" for k, v in med.items()) + f" | total {sum(med.values()):.2f}s", flush=True)
 
 

@@ -170,3 +170,64 @@ def test_scoring_encodes_a_set_wide_header_once(tiny):
                 assert (got[col] - want[col]).abs().max() < 1e-4, (bs, col)
     finally:
         emb.remove()
+
+
+def _sharing_pairs(tok, *, append_eos=True):
+    """Responses that share leading characters: 15, 4 (chosen is a prefix of the rejected),
+    everything (identical: 5 characters + EOS), 1 (the space), and 4 (rejected is a prefix of
+    the chosen) -- 5 pairs."""
+    ps = [PreferencePair("Q: 2+2?", " the answer is 4", " the answer is 5"),
+          PreferencePair("Say hi", " yes", " yes indeed"),
+          PreferencePair("x", " same", " same"),
+          PreferencePair("Name one", " a", " b"),
+          PreferencePair("Longer prompt here", " abc def", " abc")]
+    return tokenize_pairs(ps, tok, max_length=96, max_prompt_length=64, append_eos=append_eos)[0]
+
+
+def test_shared_response_tokens_equal_padded(tiny):
+    """speed.share_response: the rejected row reads its first k tokens (shared with the chosen)
+    at the chosen positions and its tail branches off after them. Log-probs (both kernels),
+    token counts, gradients and response-pooled activations equal the padded layout; with a
+    batch header too."""
+    import copy
+
+    from reprpo.capture import capture, capture_points, pool
+    from reprpo.data.tokenize import collate_packed, response_common_len
+
+    model, tok = tiny
+    for eos in (True, False):
+        tp = _sharing_pairs(tok, append_eos=eos)
+        ks = [response_common_len(p) for p in tp]
+        assert ks == ([15, 4, 6, 1, 4] if eos else [15, 4, 5, 1, 4]), ks
+        plain = collate_packed(tp, pad_id=tok.pad_token_id)
+        shared = collate_packed(tp, pad_id=tok.pad_token_id, share_response=True)
+        assert shared.n_shared_response == sum(ks) and plain.n_shared_response == 0
+        assert shared.n_tokens == plain.n_tokens - sum(ks)
+        padded = collate_pairs(tp, pad_id=tok.pad_token_id)
+        for impl in ("sdpa", "eager"):
+            model.config._attn_implementation = impl
+            with torch.no_grad():
+                a, b = sequence_logps(model, padded), sequence_logps(model, shared)
+            assert torch.allclose(a.logp_sum, b.logp_sum, atol=1e-4), (eos, impl)
+            assert torch.equal(a.n_tokens, b.n_tokens)
+        model.config._attn_implementation = "sdpa"
+    pts = capture_points(model, collection="hs", layers=[0, 1])
+    pooled, grads = [], []
+    for batch in (padded, shared):
+        m = copy.deepcopy(model)
+        with capture(capture_points(m, collection="hs", layers=[0, 1])) as store:
+            sequence_logps(m, batch).logp_sum.sum().backward()
+        pooled.append([pool(store[p.key][batch.rows].detach(), response_mask=batch.response_mask,
+                            attention_mask=batch.pool_mask, mode=mode) for p in pts for mode in ("mean", "last", "all")])
+        grads.append(torch.cat([p.grad.flatten() for p in m.parameters()]))
+    assert torch.allclose(grads[0], grads[1], atol=1e-4 * grads[0].abs().max())
+    for x, y in zip(*pooled):
+        assert torch.allclose(x, y, atol=1e-4)
+    # with a template header taken out as a batch prefix as well
+    hp = _header_pairs(tok)
+    hp = [type(p)(p.prompt_ids, p.chosen_ids, p.chosen_ids[:3] + p.rejected_ids, p.index) for p in hp]  # share 3+ tokens
+    both = collate_packed(hp, pad_id=tok.pad_token_id, share_prefix=True, share_response=True)
+    assert both.prefix_len > 0 and both.n_shared_response >= 9
+    with torch.no_grad():
+        a, b = sequence_logps(model, collate_pairs(hp, pad_id=tok.pad_token_id)), sequence_logps(model, both)
+    assert torch.allclose(a.logp_sum, b.logp_sum, atol=1e-4)

@@ -278,11 +278,12 @@ def test_mismatched_directions_are_refused(lora):
     assert _n_hooks(model) == (0, 0)
 
 
-def _packed(tok, idx):
+def _packed(tok, idx, *, share_response=False):
     from reprpo.data.tokenize import collate_packed
 
     pairs = [PreferencePair(*TEXTS[i]) for i in idx]
-    return collate_packed(tokenize_pairs(pairs, tok, max_length=64, max_prompt_length=32)[0], pad_id=tok.pad_token_id)
+    return collate_packed(tokenize_pairs(pairs, tok, max_length=64, max_prompt_length=32)[0], pad_id=tok.pad_token_id,
+                          share_response=share_response)
 
 
 def _grads_layout(model, batch, method):
@@ -309,16 +310,20 @@ def test_shared_prompt_layout_gives_the_padded_gradients(lora, method):
     for prompts of different lengths in one batch. The directions match too."""
     model, tok = lora
     idx = [0, 1, 2, 3]
-    padded, packed = _batch(tok, idx), _packed(tok, idx)
-    assert packed.input_ids.shape[0] == 4 and padded.input_ids.shape[0] == 8
+    padded = _batch(tok, idx)
+    want = _grads_layout(model, padded, method)
     d_pad, _ = reference_directions(model, padded)
-    d_pack, _ = reference_directions(model, packed)
-    for n in d_pad:
-        assert torch.allclose(d_pack[n], d_pad[n], atol=1e-5), n
-    want, got = _grads_layout(model, padded, method), _grads_layout(model, packed, method)
-    _assert_close(got, want, tol=1e-4)
     dpo = _grads(model, [padded])
-    assert not all(torch.allclose(got[n], dpo[n], atol=1e-7) for n in dpo)  # the projection acted
+    for share_response in (False, True):  # (" 5 or so" shares " " with " 4": the response tokens too)
+        packed = _packed(tok, idx, share_response=share_response)
+        assert packed.input_ids.shape[0] == 4 and padded.input_ids.shape[0] == 8
+        assert (packed.n_shared_response > 0) == share_response
+        d_pack, _ = reference_directions(model, packed)
+        for n in d_pad:
+            assert torch.allclose(d_pack[n], d_pad[n], atol=1e-5), n
+        got = _grads_layout(model, packed, method)
+        _assert_close(got, want, tol=1e-4)
+        assert not all(torch.allclose(got[n], dpo[n], atol=1e-7) for n in dpo)  # the projection acted
 
 
 def test_leaky_and_renorm_refuse_the_shared_prompt_layout(lora):
@@ -361,3 +366,38 @@ def test_cached_directions_equal_online_ones(lora, tmp_path, monkeypatch):
         for n in want:
             assert torch.allclose(got.dirs[n], want[n], atol=1e-5), (packed, n)
         assert torch.allclose(got.logps.logp_sum, ref.logp_sum, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["projgrad", "projbp"])
+def test_method_with_cached_directions_and_shared_layout_gives_the_padded_gradients(lora, name, tmp_path, monkeypatch):
+    """GradMethod as train() runs it: directions and ℓ_ref from the reference cache, the
+    shared-prompt layout with shared response tokens -> the gradients of the padded layout with
+    an online reference pass."""
+    from reprpo.data.tokenize import collate
+    from reprpo.methods import build_method
+    from reprpo.refcache import build_ref_cache
+
+    monkeypatch.setenv("REPRPO_CACHE", str(tmp_path))
+    model, tok = lora
+    cfg = apply_overrides(RunConfig(), {"train.method": name, "method.proj_beta": 0.2}, where="t")
+    method = build_method(cfg, model)
+    assert method.supports_packing and not method.supports_prefix and method.cache_dirs
+    pairs = tokenize_pairs([PreferencePair(*t) for t in TEXTS], tok, max_length=64, max_prompt_length=32)[0]
+    lay = {"packed": True, "share_response": True}
+    cache = build_ref_cache(model, pairs, pad_id=tok.pad_token_id, batch_size=3, directions=lora_modules(model), **lay)
+
+    def grads(batch, ref):
+        model.zero_grad(set_to_none=True)
+        with method.step(model, batch, ref=ref):
+            loss, _ = method.loss(model, batch, ref=ref)
+            loss.backward()
+        return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    sel = [pairs[i] for i in (2, 0, 3)]
+    shared = collate(sel, pad_id=tok.pad_token_id, **lay)
+    assert shared.n_shared_response > 0
+    direct = pg(0.2) if name == "projgrad" else pb(0.2)  # the padded layout, online directions, no method object
+    want = _grads(model, [collate(sel, pad_id=tok.pad_token_id, packed=False)], direct)
+    _assert_close(grads(shared, cache.lookup(shared)), want, tol=1e-4)
+    leaky = build_method(apply_overrides(cfg, {"method.projbp_rectify": "leaky"}, where="t"), model)
+    assert leaky.supports_packing == (name == "projgrad")

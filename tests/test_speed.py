@@ -11,7 +11,7 @@ from reprpo.config import RunConfig, apply_overrides
 from reprpo.methods import preset_overrides
 
 OFF = {"speed.share_prompt": False, "speed.ref_cache": False, "speed.response_logits": False, "speed.length_batches": False,
-       "speed.share_prefix": False, "speed.keep_memory": False}
+       "speed.share_prefix": False, "speed.keep_memory": False, "speed.share_response": False}
 
 
 def _cfg(tmp_path, method, name, **over):
@@ -32,13 +32,15 @@ def _losses(tmp_path, method, name, **over):
     return pd.read_csv(out / "metrics.csv")
 
 
-@pytest.mark.parametrize("method", ["dpo", "ipo", "hs-pca-prefvec", "hs-ortho-mse", "side-none-innerdpo", "hs-suppressed-prefvec",
-                                    "projgrad", "projbp"])
+@pytest.mark.parametrize("method", ["dpo", "ipo", "hs-pca-prefvec", "hs-ortho-mse", "side-none-innerdpo", "hs-suppressed-prefvec"])
 def test_each_speedup_leaves_losses_unchanged(method, tmp_path):
     """Same seed, same batches: all levers on vs all off vs each alone on -> same losses at
     steps 1 and 2 (step 2's loss depends on step 1's gradients, so this checks the gradients
     too). Later steps are not compared: with lr 3e-3 on a random tiny model some losses (mse)
-    jump 30x in a step, and such chaotic growth amplifies 1e-6 float differences."""
+    jump 30x in a step, and such chaotic growth amplifies 1e-6 float differences.
+    projgrad/projbp are checked on their gradients instead (test_gradproj): AdamW's first step
+    is about lr·sign(g), and the components their projection removes are float noise whose
+    sign flips with the layout, so their step-2 loss moves by ~1e-4 with any layout change."""
     first2 = lambda df: df.loss[:2].reset_index(drop=True)
     ref = first2(_losses(tmp_path, method, "off", **OFF))
     on = first2(_losses(tmp_path, method, "on"))
@@ -218,5 +220,28 @@ def test_batch_prefix_leaves_losses_unchanged(method, tmp_path):
     runs = [train(c) for c in (on, off)]
     saved = [json.loads((r / "train_report.json").read_text())["batch_prefix_tokens_saved"] for r in runs]
     assert saved[0] >= 2 * 2 * 40 and saved[1] == 0  # 2 steps x 3 pairs: >= 2 x 40 header tokens not re-read per step
+    a, b = (pd.read_csv(r / "metrics.csv").loss[:2] for r in runs)
+    assert ((a - b).abs() < 1e-4 * b.abs().clip(lower=1)).all(), (a.tolist(), b.tolist())
+
+
+def _sharing_data(path):
+    """12 pairs whose chosen and rejected responses begin with the same words."""
+    rows = [{"prompt": f"Q{i}: what is {i} + {i}?", "chosen": f" The sum of them is {2 * i}.",
+             "rejected": f" The sum of them is {2 * i + 1}, I think"} for i in range(12)]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return str(path)
+
+
+@pytest.mark.parametrize("method", ["dpo", "hs-pca-prefvec", "hs-none-rank", "side-none-innerdpo"])
+def test_shared_response_tokens_leave_losses_unchanged(method, tmp_path):
+    """speed.share_response: the tokens chosen and rejected share are encoded once; the first
+    two losses equal those with the lever off, and the report counts the shared tokens."""
+    data = {"data.shift": "", "data.train": _sharing_data(tmp_path / "s.jsonl"), "data.chat_template": False}
+    from reprpo.train import train
+
+    runs = [train(_cfg(tmp_path, method, name, **data, **over))
+            for name, over in (("on", {}), ("off", {"speed.share_response": False}))]
+    shared = [json.loads((r / "train_report.json").read_text())["response_tokens_shared"] for r in runs]
+    assert shared[0] >= 2 * 3 * len(" The sum of them is ") and shared[1] == 0  # 2 steps x 3 pairs
     a, b = (pd.read_csv(r / "metrics.csv").loss[:2] for r in runs)
     assert ((a - b).abs() < 1e-4 * b.abs().clip(lower=1)).all(), (a.tolist(), b.tolist())

@@ -19,7 +19,7 @@ from reprpo.forward import adapter_disabled, sequence_logps
 
 @torch.no_grad()
 def score_pairs(model, pairs: list[TokenizedPair], *, pad_id: int, batch_size: int = 8, device=None,
-                packed: bool = False, share_prefix: bool = False, chunk: int = 2048) -> pd.DataFrame:
+                packed: bool = False, share_prefix: bool = False, share_response: bool = False, chunk: int = 2048) -> pd.DataFrame:
     """Per-pair log-prob sums/means for chosen and rejected, in the order of `pairs`."""
     device = device or next(model.parameters()).device
     order = sorted(range(len(pairs)), key=lambda i: -pairs[i].length)  # longest first: OOM shows early
@@ -28,7 +28,8 @@ def score_pairs(model, pairs: list[TokenizedPair], *, pad_id: int, batch_size: i
     h = scoring_prefix_len(pairs) if packed and share_prefix else None
     for s in range(0, len(order), batch_size):
         idx = order[s : s + batch_size]
-        batch = collate([pairs[i] for i in idx], pad_id=pad_id, packed=packed, share_prefix=share_prefix, prefix_len=h).to(device)
+        batch = collate([pairs[i] for i in idx], pad_id=pad_id, packed=packed, share_prefix=share_prefix, prefix_len=h,
+                        share_response=share_response).to(device)
         lp = sequence_logps(model, batch, chunk=chunk, prefix_store=prefix_store)
         cs, rs = lp.chosen_rejected()
         b = len(idx)
@@ -65,11 +66,12 @@ def summarize(df: pd.DataFrame) -> dict[str, float]:
 
 
 def base_scores_cached(model, pairs: list[TokenizedPair], *, pad_id: int, batch_size: int, packed: bool, share_prefix: bool = False,
-                       chunk: int = 2048) -> pd.DataFrame:
+                       share_response: bool = False, chunk: int = 2048) -> pd.DataFrame:
     """Base-model scores from the offline reference cache (computed once per model x data)."""
     from reprpo.refcache import build_ref_cache
 
-    c = build_ref_cache(model, pairs, pad_id=pad_id, packed=packed, share_prefix=share_prefix, batch_size=batch_size, chunk=chunk)
+    c = build_ref_cache(model, pairs, pad_id=pad_id, packed=packed, share_prefix=share_prefix, share_response=share_response,
+                        batch_size=batch_size, chunk=chunk)
     row = {int(i): r for r, i in enumerate(c.pair_index.tolist())}
     r = [row[p.index] for p in pairs]
     return finish_scores(pd.DataFrame({
@@ -80,7 +82,7 @@ def base_scores_cached(model, pairs: list[TokenizedPair], *, pad_id: int, batch_
 
 
 def evaluate_splits(model, tokenizer, splits: dict[str, list[TokenizedPair]], *, batch_size: int, with_adapter: bool = True,
-                    packed: bool = False, share_prefix: bool = False, ref_cache: bool = False,
+                    packed: bool = False, share_prefix: bool = False, share_response: bool = False, ref_cache: bool = False,
                     chunk: int = 2048) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Score each split for `base` (adapter off) and, if present, `adapter`.
 
@@ -88,17 +90,18 @@ def evaluate_splits(model, tokenizer, splits: dict[str, list[TokenizedPair]], *,
     Returns (summary table: one row per split, per-pair rows with split and model columns)."""
     per_pair, table = [], []
     pad = tokenizer.pad_token_id
+    lay = {"packed": packed, "share_prefix": share_prefix, "share_response": share_response}
     for split, pairs in splits.items():
         row: dict[str, object] = {"split": split}
         variants = [("base", True)] + ([("adapter", False)] if with_adapter else [])
         for name, disable in variants:
             if disable and ref_cache:
-                df = base_scores_cached(model, pairs, pad_id=pad, batch_size=batch_size, packed=packed, share_prefix=share_prefix, chunk=chunk)
+                df = base_scores_cached(model, pairs, pad_id=pad, batch_size=batch_size, chunk=chunk, **lay)
             elif disable:
                 with adapter_disabled(model):
-                    df = score_pairs(model, pairs, pad_id=pad, batch_size=batch_size, packed=packed, share_prefix=share_prefix, chunk=chunk)
+                    df = score_pairs(model, pairs, pad_id=pad, batch_size=batch_size, chunk=chunk, **lay)
             else:
-                df = score_pairs(model, pairs, pad_id=pad, batch_size=batch_size, packed=packed, share_prefix=share_prefix, chunk=chunk)
+                df = score_pairs(model, pairs, pad_id=pad, batch_size=batch_size, chunk=chunk, **lay)
             df.insert(0, "model", name)
             df.insert(0, "split", split)
             per_pair.append(df)
@@ -167,6 +170,7 @@ def evaluate_run(cfg, *, adapter_dir: str | Path | None, out: Path) -> tuple[pd.
     forward.PACKED_ATTENTION["impl"] = forward.resolve_packed_attention(sp.packed_attention, training=False, device_type=device)
     table, per_pair = evaluate_splits(model, tok, splits, batch_size=cfg.eval.batch_size, with_adapter=adapter_dir is not None,
                                       packed=sp.share_prompt, share_prefix=sp.share_prompt and sp.share_prefix and forward.prefix_supported(model),  # train()'s rule, so its reference cache is reused
+                                      share_response=sp.share_prompt and sp.share_response,
                                       ref_cache=sp.ref_cache, chunk=sp.logit_chunk)
     write_eval(out, table, per_pair, fmt=cfg.eval.per_pair_format)
     (out / "data.txt").write_text("\n".join(notes) + "\n")

@@ -169,6 +169,10 @@ def sequence_logps(model, batch: PairBatch, *, chunk: int = 2048, full_logits: b
             logits = torch.tanh(logits / softcap) * softcap
         logp_all = torch.log_softmax(logits, dim=-1)
         lp = logp_all[in_row, pred, targets]
+    elif batch.packed:  # a response token both rows share (speed.share_response) gets the head once
+        uniq, inv = torch.unique(in_row * batch.input_ids.shape[1] + pos, return_inverse=True)  # (u,), (n,)
+        first = torch.zeros_like(uniq).scatter_(0, inv, torch.arange(inv.shape[0], device=inv.device))  # one n-index per u
+        lp = token_logps(head, hidden[in_row[first], pred[first]], targets[first], chunk=chunk, softcap=softcap)[inv]
     else:
         lp = token_logps(head, hidden[in_row, pred], targets, chunk=chunk, softcap=softcap)  # (n,)
     r = batch.response_mask.shape[0]

@@ -94,6 +94,7 @@ def build_ref_cache(
     pad_id: int,
     packed: bool,
     share_prefix: bool = False,
+    share_response: bool = False,
     batch_size: int = 8,
     points: list[CapturePoint] | None = None,
     pooling: str = "mean",
@@ -111,7 +112,7 @@ def build_ref_cache(
     directions = directions or {}
     dir_points = [CapturePoint(f"dir.{n}", -1, m, "output") for n, m in sorted(directions.items())]
     spec = {"model": model_fingerprint(model), "data": data_fingerprint(pairs), "packed": packed, "share_prefix": share_prefix,
-            "points": [p.key for p in points], "pooling": pooling, "outlier_quantile": outlier_quantile,
+            "share_response": packed and share_response, "points": [p.key for p in points], "pooling": pooling, "outlier_quantile": outlier_quantile,
             "directions": sorted(directions)}
     fp = hashlib.blake2b(json.dumps(spec, sort_keys=True).encode(), digest_size=16).hexdigest()
     path = cache_root() / f"{fp}.pt"
@@ -135,7 +136,8 @@ def build_ref_cache(
     try:
         for s in range(0, n, batch_size):
             chunk_pairs = pairs[s : s + batch_size]
-            batch = collate(chunk_pairs, pad_id=pad_id, packed=packed, share_prefix=share_prefix, prefix_len=prefix_h).to(device)
+            batch = collate(chunk_pairs, pad_id=pad_id, packed=packed, share_prefix=share_prefix, prefix_len=prefix_h,
+                            share_response=share_response).to(device)
             b = len(chunk_pairs)
             with adapter_disabled(model), capture(points + dir_points) as store:  # with a batch prefix, the rows' call comes last
                 lp = sequence_logps(model, batch, chunk=chunk, prefix_store=prefix_store)

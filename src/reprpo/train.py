@@ -151,13 +151,14 @@ def train(cfg: RunConfig) -> Path:
     share_prefix = packed and sp.share_prefix and method.supports_prefix and forward.prefix_supported(model)
     # one prefix rule for every pass (reference caches and training batches alike, so their
     # numerics match): the header common to the whole training set, else each batch's own
-    layout = {"packed": packed, "share_prefix": share_prefix,
+    layout = {"packed": packed, "share_prefix": share_prefix, "share_response": packed and sp.share_response,
               "prefix_len": scoring_prefix_len(data.tokenized) if share_prefix else None}
     forward.PACKED_ATTENTION["impl"] = forward.resolve_packed_attention(sp.packed_attention, training=True, device_type=acc.device.type)
     model.to(acc.device)
     cache, t_cache = None, time.time()
     if sp.ref_cache and method.uses_reference:  # one reference pass now, none in the loop
         cache = build_ref_cache(model, data.tokenized, pad_id=tok.pad_token_id, packed=packed, share_prefix=share_prefix,
+                                share_response=layout["share_response"],
                                 batch_size=tc.batch_size, points=method.cache_points, pooling=cfg.method.pooling,
                                 outlier_quantile=cfg.method.outlier_quantile, chunk=sp.logit_chunk,
                                 directions=lora_modules(model) if method.cache_dirs else None)
@@ -186,7 +187,7 @@ def train(cfg: RunConfig) -> Path:
     acc.print(f"training {cfg.train.method}: {total} steps x {tc.batch_size * tc.grad_accum} pairs, {n_trainable:,} trainable params -> {out}")
 
     step, micro, window, t_step = 0, 0, [], time.time()
-    real_tokens = padded_tokens = prefix_saved = 0
+    real_tokens = padded_tokens = prefix_saved = response_shared = 0
     bar = tqdm(total=total, disable=not (tc.progress and acc.is_main_process), desc=cfg.train.method)
     while step < total:
         for batch in loader:
@@ -198,6 +199,7 @@ def train(cfg: RunConfig) -> Path:
                 real_tokens += batch.n_tokens
                 padded_tokens += batch.n_slots
                 prefix_saved += batch.prefix_len * (batch.n_pairs - 1)
+                response_shared += batch.n_shared_response
                 if extra and acc.num_processes > 1:  # frames live outside the DDP-wrapped model
                     for p in extra:
                         if p.grad is not None:
@@ -240,7 +242,8 @@ def train(cfg: RunConfig) -> Path:
             torch.save(method.state_dict(), out / "method_state.pt")  # frames / pca bases
         report = {
             "steps": step, "pairs_seen": micro * tc.batch_size, "trainable_params": n_trainable,
-            "layout": "shared-prompt" if packed else "padded", "batch_prefix_tokens_saved": prefix_saved, "reference_cache": cache is not None,
+            "layout": "shared-prompt" if packed else "padded", "batch_prefix_tokens_saved": prefix_saved,
+            "response_tokens_shared": response_shared, "reference_cache": cache is not None,
             "reference_cache_seconds": t_cache, "pad_waste": 1.0 - real_tokens / max(1, padded_tokens),
             "seconds": time.time() - t0, "data": {"source": train_src, "summary": data.summary(),
             "dropped": dict(data.read_report.dropped), "tokenize": vars(data.token_report) | {"dropped": dict(data.token_report.dropped)}},

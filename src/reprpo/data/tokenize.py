@@ -152,6 +152,14 @@ class PairBatch:
         return int(self.attention_mask.sum()) + self.prefix_len
 
     @property
+    def n_shared_response(self) -> int:
+        """Response tokens the rejected output rows read at the chosen positions (not recomputed)."""
+        if not self.packed:
+            return 0
+        b = self.n_pairs
+        return int((self.response_mask[:b].bool() & self.response_mask[b:].bool()).sum())
+
+    @property
     def n_slots(self) -> int:
         """Token slots the model computes (real + padding), the batch prefix once."""
         return self.input_ids.numel() + self.prefix_len
@@ -196,8 +204,19 @@ def scoring_prefix_len(pairs: list[TokenizedPair], *, min_prefix: int = 16) -> i
     return h if h >= min_prefix else None
 
 
+def response_common_len(p: TokenizedPair) -> int:
+    """Leading tokens the chosen and rejected responses share (the same tokens after the same
+    prompt: their hidden states and log-probs are identical)."""
+    k = 0
+    for a, b in zip(p.chosen_ids, p.rejected_ids):
+        if a != b:
+            break
+        k += 1
+    return k
+
+
 def collate_packed(pairs: list[TokenizedPair], *, pad_id: int, share_prefix: bool = False, min_prefix: int = 16,
-                   prefix_len: int | None = None) -> PairBatch:
+                   prefix_len: int | None = None, share_response: bool = False) -> PairBatch:
     """Packed layout (shared prompt prefix): one row per pair, prompt + chosen + rejected.
 
     With `share_prefix`, the tokens that begin every prompt of the batch (e.g. a template
@@ -205,7 +224,11 @@ def collate_packed(pairs: list[TokenizedPair], *, pad_id: int, share_prefix: boo
     of the rows into `prefix_ids`: the decoder encodes them once and every row attends to them
     (`forward.run_decoder`); row positions then start at h. `prefix_len` fixes h instead (e.g.
     the header common to a whole scoring set, so one encoding serves every batch, even of one
-    pair); it must not exceed `common_prefix_len` of the batch."""
+    pair); it must not exceed `common_prefix_len` of the batch.
+
+    With `share_response`, the k leading tokens the rejected response shares with the chosen one
+    are not repeated: the rejected output row reads them at the chosen positions, and its own
+    tail (positions from lp + k) attends to the prompt and those k tokens only."""
     if prefix_len is not None:
         h = prefix_len
         if h > common_prefix_len(pairs):
@@ -217,8 +240,9 @@ def collate_packed(pairs: list[TokenizedPair], *, pad_id: int, share_prefix: boo
     prefix = torch.tensor(pairs[0].prompt_ids[:h], dtype=torch.long) if h else None
     if h:
         pairs = [TokenizedPair(p.prompt_ids[h:], p.chosen_ids, p.rejected_ids, p.index) for p in pairs]
+    ks = [response_common_len(p) if share_response else 0 for p in pairs]
     b = len(pairs)
-    t = max(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
+    t = max(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) - k for p, k in zip(pairs, ks))
     ids = torch.full((b, t), pad_id, dtype=torch.long)
     att = torch.zeros((b, t), dtype=torch.long)
     pos = torch.zeros((b, t), dtype=torch.long)
@@ -226,22 +250,25 @@ def collate_packed(pairs: list[TokenizedPair], *, pad_id: int, share_prefix: boo
     resp = torch.zeros((2 * b, t), dtype=torch.long)
     seen = torch.zeros((2 * b, t), dtype=torch.long)
     allow = torch.zeros((b, t, t), dtype=torch.bool)
-    for i, p in enumerate(pairs):
+    for i, (p, k) in enumerate(zip(pairs, ks)):
         lp, lc, lr = len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)
-        n = lp + lc + lr
-        ids[i, :n] = torch.tensor(p.prompt_ids + p.chosen_ids + p.rejected_ids, dtype=torch.long)
+        c = lp + lc  # the rejected tail starts here
+        n = c + lr - k
+        ids[i, :n] = torch.tensor(p.prompt_ids + p.chosen_ids + p.rejected_ids[k:], dtype=torch.long)
         att[i, :n] = 1
-        pos[i, : lp + lc] = torch.arange(lp + lc)
-        pos[i, lp + lc : n] = torch.arange(lp, lp + lr)
+        pos[i, :c] = torch.arange(c)
+        pos[i, c:n] = torch.arange(lp + k, lp + lr)
         pred[i, 1:n] = torch.arange(n - 1)
-        pred[i, lp + lc] = lp - 1  # the first rejected token is predicted by the last prompt token
-        resp[i, max(1, lp) : lp + lc] = 1
-        resp[b + i, lp + lc + (1 if lp == 0 else 0) : n] = 1
-        seen[i, : lp + lc] = 1
-        seen[b + i, :lp] = 1
-        seen[b + i, lp + lc : n] = 1
+        if n > c:
+            pred[i, c] = lp + k - 1  # the tail's first token is predicted by the last shared one (or the prompt's)
+        resp[i, max(1, lp) : c] = 1  # a token at position 0 has no predictor
+        resp[b + i, max(1, lp) : lp + k] = 1
+        resp[b + i, c + (1 if lp + k == 0 else 0) : n] = 1
+        seen[i, :c] = 1
+        seen[b + i, : lp + k] = 1
+        seen[b + i, c:n] = 1
         allow[i, :n, :n] = torch.tril(torch.ones(n, n, dtype=torch.bool))
-        allow[i, lp + lc : n, lp : lp + lc] = False  # rejected does not see chosen
+        allow[i, c:n, lp + k : c] = False  # the rejected tail does not see the chosen tokens after the shared ones
     # padding rows attend to themselves only, so softmax never sees an empty row
     allow |= torch.eye(t, dtype=torch.bool)[None]
     return PairBatch(ids, att, resp, seen, pred, torch.arange(b).repeat(2),
@@ -249,8 +276,10 @@ def collate_packed(pairs: list[TokenizedPair], *, pad_id: int, share_prefix: boo
 
 
 def collate(pairs: list[TokenizedPair], *, pad_id: int, packed: bool, share_prefix: bool = False,
-            prefix_len: int | None = None) -> PairBatch:
-    """`packed`: shared-prompt layout (`collate_packed`, optionally with a batch prefix); else padded."""
+            prefix_len: int | None = None, share_response: bool = False) -> PairBatch:
+    """`packed`: shared-prompt layout (`collate_packed`, optionally with a batch prefix and shared
+    response tokens); else padded."""
     if packed:
-        return collate_packed(pairs, pad_id=pad_id, share_prefix=share_prefix, prefix_len=prefix_len)
+        return collate_packed(pairs, pad_id=pad_id, share_prefix=share_prefix, prefix_len=prefix_len,
+                              share_response=share_response)
     return collate_pairs(pairs, pad_id=pad_id)
