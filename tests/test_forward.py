@@ -172,6 +172,38 @@ def test_scoring_encodes_a_set_wide_header_once(tiny):
         emb.remove()
 
 
+def test_a_header_lost_by_left_cut_prompts_still_serves_the_others(tiny):
+    """A prompt cut from the left loses the template header. The set-wide header is then the one
+    the uncut prompts share; batches holding a cut prompt find their own prefix (or none), the
+    others reuse the one stored encoding of the header; scores equal the padded layout's."""
+    from reprpo.data.tokenize import collate_packed, set_header
+    from reprpo.evaluate import score_pairs
+
+    model, tok = tiny
+    head = "### Instruction: answer\n"
+    ps = [PreferencePair(head + "Q: 2+2?", " 4", " 5"), PreferencePair(head + "x", " hi there", " no"),
+          PreferencePair(head + "Say hi to the nice reader", " a long answer here", " b"),
+          PreferencePair(head + "What colour is the sky on a clear day, please? " * 2, " blue", " green")]
+    tp = tokenize_pairs(ps, tok, max_length=96, max_prompt_length=56)[0]
+    assert [p.prompt_truncated for p in tp] == [False, False, False, True]
+    header = set_header(tp)
+    h = len(header or ())
+    assert h >= len(head)
+    assert collate_packed(tp[:3], pad_id=tok.pad_token_id, share_prefix=True, header=header).prefix_len == h
+    assert collate_packed(tp[2:], pad_id=tok.pad_token_id, share_prefix=True, header=header).prefix_len == 0  # falls back
+    assert collate_packed(tp[3:], pad_id=tok.pad_token_id, header=header).prefix_len == 0  # the cut prompt alone
+    want = score_pairs(model, tp, pad_id=tok.pad_token_id, batch_size=2)
+    calls = []
+    emb = model.get_input_embeddings().register_forward_hook(lambda m, i, o: calls.append(o.shape[1]))
+    try:
+        got = score_pairs(model, tp, pad_id=tok.pad_token_id, batch_size=1, packed=True, share_prefix=True)
+    finally:
+        emb.remove()
+    assert calls.count(h) == 1 and len(calls) == 5  # the header once, then one call per pair
+    for col in ("chosen_logp_sum", "rejected_logp_sum"):
+        assert (got[col] - want[col]).abs().max() < 1e-4, col
+
+
 def _sharing_pairs(tok, *, append_eos=True):
     """Responses that share leading characters: 15, 4 (chosen is a prefix of the rejected),
     everything (identical: 5 characters + EOS), 1 (the space), and 4 (rejected is a prefix of

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from reprpo.data.tokenize import TokenizedPair, collate, scoring_prefix_len
+from reprpo.data.tokenize import TokenizedPair, collate, set_header
 from reprpo.forward import adapter_disabled, sequence_logps
 
 
@@ -25,10 +25,10 @@ def score_pairs(model, pairs: list[TokenizedPair], *, pad_id: int, batch_size: i
     order = sorted(range(len(pairs)), key=lambda i: -pairs[i].length)  # longest first: OOM shows early
     rows: dict[int, dict] = {}
     prefix_store: dict = {}  # a template header shared by the batches is encoded once
-    h = scoring_prefix_len(pairs) if packed and share_prefix else None
+    header = set_header(pairs) if packed and share_prefix else None
     for s in range(0, len(order), batch_size):
         idx = order[s : s + batch_size]
-        batch = collate([pairs[i] for i in idx], pad_id=pad_id, packed=packed, share_prefix=share_prefix, prefix_len=h,
+        batch = collate([pairs[i] for i in idx], pad_id=pad_id, packed=packed, share_prefix=share_prefix, header=header,
                         share_response=share_response).to(device)
         lp = sequence_logps(model, batch, chunk=chunk, prefix_store=prefix_store)
         cs, rs = lp.chosen_rejected()

@@ -88,16 +88,23 @@ def prefix_supported(model) -> bool:
 def prefix_kv(decoder, prefix_ids: torch.Tensor, *, store: dict | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per-layer (keys, values) of the batch prefix, each (1, kv_heads, h, head_dim).
 
-    `store` (no-grad scoring only) keeps them across batches that share the same prefix."""
+    `store` (no-grad scoring only) keeps them across batches that share the same prefix: up to
+    `PREFIX_STORE_SIZE` prefixes, the least reused dropped first (a set's template header is
+    reused by most batches; a batch's own prefix, e.g. of left-cut prompts, rarely)."""
     key = tuple(prefix_ids.tolist()) if store is not None else None
     if key is not None and key in store:
-        return store[key]
+        store[key][1] += 1
+        return store[key][0]
     cache = decoder(input_ids=prefix_ids[None], use_cache=True).past_key_values
     kv = [(layer.keys, layer.values) for layer in cache.layers]
     if key is not None:
-        store.clear()  # one prefix at a time: batches of one dataset share the template
-        store[key] = kv
+        if len(store) >= PREFIX_STORE_SIZE:
+            del store[min(store, key=lambda k: store[k][1])]
+        store[key] = [kv, 0]  # [keys/values, times reused]
     return kv
+
+
+PREFIX_STORE_SIZE = 4
 
 
 # Attention kernel for the packed layout: "eager" | "sdpa" | "keep" (the model's). train() and

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from reprpo.capture import CapturePoint, capture, pool
-from reprpo.data.tokenize import PairBatch, TokenizedPair, collate, scoring_prefix_len
+from reprpo.data.tokenize import PairBatch, TokenizedPair, collate, set_header
 from reprpo.forward import SeqLogps, adapter_disabled, base_model, sequence_logps
 
 
@@ -130,13 +130,13 @@ def build_ref_cache(
     acts: dict[str, torch.Tensor] = {}
     dirs: dict[str, torch.Tensor] = {}
     prefix_store: dict = {}  # a template header shared by the batches is encoded once
-    prefix_h = scoring_prefix_len(pairs) if packed and share_prefix else None
+    header = set_header(pairs) if packed and share_prefix else None
     was_training = model.training
     model.eval()
     try:
         for s in range(0, n, batch_size):
             chunk_pairs = pairs[s : s + batch_size]
-            batch = collate(chunk_pairs, pad_id=pad_id, packed=packed, share_prefix=share_prefix, prefix_len=prefix_h,
+            batch = collate(chunk_pairs, pad_id=pad_id, packed=packed, share_prefix=share_prefix, header=header,
                             share_response=share_response).to(device)
             b = len(chunk_pairs)
             with adapter_disabled(model), capture(points + dir_points) as store:  # with a batch prefix, the rows' call comes last

@@ -17,7 +17,7 @@ import torch
 from reprpo import forward
 from reprpo.config import RunConfig, save_yaml
 from reprpo.data.prepare import prepare
-from reprpo.data.tokenize import collate, scoring_prefix_len
+from reprpo.data.tokenize import collate, set_header
 from reprpo.errors import ConfigError
 from reprpo.gradproj import lora_modules
 from reprpo.memory import keep_freed_memory
@@ -152,7 +152,7 @@ def train(cfg: RunConfig) -> Path:
     # one prefix rule for every pass (reference caches and training batches alike, so their
     # numerics match): the header common to the whole training set, else each batch's own
     layout = {"packed": packed, "share_prefix": share_prefix, "share_response": packed and sp.share_response,
-              "prefix_len": scoring_prefix_len(data.tokenized) if share_prefix else None}
+              "header": set_header(data.tokenized) if share_prefix else None}
     forward.PACKED_ATTENTION["impl"] = forward.resolve_packed_attention(sp.packed_attention, training=True, device_type=acc.device.type)
     model.to(acc.device)
     cache, t_cache = None, time.time()

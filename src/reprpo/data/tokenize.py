@@ -194,14 +194,16 @@ def common_prefix_len(pairs: list[TokenizedPair]) -> int:
     return max(h, 0)
 
 
-def scoring_prefix_len(pairs: list[TokenizedPair], *, min_prefix: int = 16) -> int | None:
-    """For no-grad passes over a whole set: the header common to all its prompts, if at least
-    `min_prefix` tokens (then every batch uses it and its encoding is computed once), else None
-    (batches find their own prefix)."""
-    if len(pairs) < 2:
+def set_header(pairs: list[TokenizedPair], *, min_prefix: int = 16) -> tuple[int, ...] | None:
+    """For passes over a whole set: the header (tokens) common to its prompts, if at least
+    `min_prefix` tokens, else None. Prompts cut from the left (which lost the header) are left
+    out of the rule; batches holding one find their own prefix (`collate_packed`), the others use
+    this one, and no-grad passes encode it once for all of them."""
+    full = [p for p in pairs if not p.prompt_truncated]
+    if len(full) < 2:
         return None
-    h = common_prefix_len(pairs)
-    return h if h >= min_prefix else None
+    h = common_prefix_len(full)
+    return tuple(full[0].prompt_ids[:h]) if h >= min_prefix else None
 
 
 def response_common_len(p: TokenizedPair) -> int:
@@ -216,23 +218,22 @@ def response_common_len(p: TokenizedPair) -> int:
 
 
 def collate_packed(pairs: list[TokenizedPair], *, pad_id: int, share_prefix: bool = False, min_prefix: int = 16,
-                   prefix_len: int | None = None, share_response: bool = False) -> PairBatch:
+                   header: tuple[int, ...] | None = None, share_response: bool = False) -> PairBatch:
     """Packed layout (shared prompt prefix): one row per pair, prompt + chosen + rejected.
 
     With `share_prefix`, the tokens that begin every prompt of the batch (e.g. a template
     header), when there are at least `min_prefix` of them and two or more pairs, are taken out
     of the rows into `prefix_ids`: the decoder encodes them once and every row attends to them
-    (`forward.run_decoder`); row positions then start at h. `prefix_len` fixes h instead (e.g.
-    the header common to a whole scoring set, so one encoding serves every batch, even of one
-    pair); it must not exceed `common_prefix_len` of the batch.
+    (`forward.run_decoder`); row positions then start at h. A `header` (`set_header`: the one
+    common to a whole set) is taken out instead when every prompt of the batch begins with it
+    and keeps a token after it, so one encoding serves every batch, even of one pair; a batch
+    that does not share it falls back to the `share_prefix` rule.
 
     With `share_response`, the k leading tokens the rejected response shares with the chosen one
     are not repeated: the rejected output row reads them at the chosen positions, and its own
     tail (positions from lp + k) attends to the prompt and those k tokens only."""
-    if prefix_len is not None:
-        h = prefix_len
-        if h > common_prefix_len(pairs):
-            raise ValueError(f"prefix_len {h} exceeds the prefix these {len(pairs)} prompts share ({common_prefix_len(pairs)})")
+    if header and all(len(p.prompt_ids) > len(header) and p.prompt_ids[: len(header)] == header for p in pairs):
+        h = len(header)
     else:
         h = common_prefix_len(pairs) if share_prefix and len(pairs) > 1 else 0
         if h < max(1, min_prefix):
@@ -276,10 +277,10 @@ def collate_packed(pairs: list[TokenizedPair], *, pad_id: int, share_prefix: boo
 
 
 def collate(pairs: list[TokenizedPair], *, pad_id: int, packed: bool, share_prefix: bool = False,
-            prefix_len: int | None = None, share_response: bool = False) -> PairBatch:
+            header: tuple[int, ...] | None = None, share_response: bool = False) -> PairBatch:
     """`packed`: shared-prompt layout (`collate_packed`, optionally with a batch prefix and shared
     response tokens); else padded."""
     if packed:
-        return collate_packed(pairs, pad_id=pad_id, share_prefix=share_prefix, prefix_len=prefix_len,
+        return collate_packed(pairs, pad_id=pad_id, share_prefix=share_prefix, header=header,
                               share_response=share_response)
     return collate_pairs(pairs, pad_id=pad_id)
