@@ -124,7 +124,7 @@ class SpeedConfig:
 
 @dataclass
 class EvalConfig:
-    batch_size: int = F(8, "pairs per scoring batch")
+    batch_size: int = F(0, "pairs per scoring batch; 0 = auto: 1 on CPU (the shared-prompt layout then has no padding; fastest there, bench W2), 8 on GPU")
     after_train: bool = F(True, "`reprpo train` evaluates base vs adapter on the eval splits when done")
     per_pair_format: str = F("parquet", "per-pair score file format: parquet | csv")
 
@@ -259,9 +259,11 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"data.max_prompt_length ({d.max_prompt_length}) must be > 0 and < data.max_length ({d.max_length}), to leave room for the response.")
     if d.pairing not in ("first", "all"):
         raise ConfigError(f"data.pairing must be `first` or `all`, got {d.pairing!r}.")
-    for name, v in (("train.batch_size", t.batch_size), ("train.grad_accum", t.grad_accum), ("lora.r", cfg.lora.r), ("eval.batch_size", cfg.eval.batch_size)):
+    for name, v in (("train.batch_size", t.batch_size), ("train.grad_accum", t.grad_accum), ("lora.r", cfg.lora.r)):
         if v < 1:
             raise ConfigError(f"{name} must be >= 1, got {v}.")
+    if cfg.eval.batch_size < 0:
+        raise ConfigError(f"eval.batch_size must be >= 1, or 0 for auto, got {cfg.eval.batch_size}.")
     if t.schedule not in ("cosine", "linear", "constant"):
         raise ConfigError(f"train.schedule must be cosine, linear or constant, got {t.schedule!r}.")
     if not 0 <= t.warmup_ratio < 1:

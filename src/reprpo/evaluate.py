@@ -141,6 +141,20 @@ def write_eval(out: Path, table: pd.DataFrame, per_pair: pd.DataFrame, *, fmt: s
         per_pair.to_csv(out / "per_pair.csv", index=False)
 
 
+def scoring_setup(cfg, model, *, device_type: str) -> dict:
+    """Keyword arguments of `score_pairs` / `evaluate_splits` that `cfg.speed` and `cfg.eval`
+    ask for (layout, batch size, chunk); also selects the scoring attention kernel. One rule for
+    `evaluate_run` and `tune`; the layout is train()'s, so a training reference cache of the
+    same data is reused."""
+    from reprpo import forward
+
+    sp = cfg.speed
+    forward.PACKED_ATTENTION["impl"] = forward.resolve_packed_attention(sp.packed_attention, training=False, device_type=device_type)
+    return {"packed": sp.share_prompt, "share_prefix": sp.share_prompt and sp.share_prefix and forward.prefix_supported(model),
+            "share_response": sp.share_prompt and sp.share_response, "chunk": sp.logit_chunk,
+            "batch_size": cfg.eval.batch_size or (1 if device_type == "cpu" else 8)}
+
+
 def evaluate_run(cfg, *, adapter_dir: str | Path | None, out: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Load the base model (+ the adapter in `adapter_dir`), prepare the config's eval splits,
     score them and write summary.{md,csv} and per-pair scores to `out`."""
@@ -164,14 +178,8 @@ def evaluate_run(cfg, *, adapter_dir: str | Path | None, out: Path) -> tuple[pd.
         prep = prepare(src, tok, cfg.data, limit=cfg.data.n_eval)
         splits[name] = prep.tokenized
         notes.append(f"{name}: {prep.summary()}")
-    sp = cfg.speed
-    from reprpo import forward
-
-    forward.PACKED_ATTENTION["impl"] = forward.resolve_packed_attention(sp.packed_attention, training=False, device_type=device)
-    table, per_pair = evaluate_splits(model, tok, splits, batch_size=cfg.eval.batch_size, with_adapter=adapter_dir is not None,
-                                      packed=sp.share_prompt, share_prefix=sp.share_prompt and sp.share_prefix and forward.prefix_supported(model),  # train()'s rule, so its reference cache is reused
-                                      share_response=sp.share_prompt and sp.share_response,
-                                      ref_cache=sp.ref_cache, chunk=sp.logit_chunk)
+    table, per_pair = evaluate_splits(model, tok, splits, with_adapter=adapter_dir is not None, ref_cache=cfg.speed.ref_cache,
+                                      **scoring_setup(cfg, model, device_type=device))
     write_eval(out, table, per_pair, fmt=cfg.eval.per_pair_format)
     (out / "data.txt").write_text("\n".join(notes) + "\n")
     return table, per_pair

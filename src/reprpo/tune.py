@@ -139,16 +139,16 @@ class _Scorer:
 
     def gain(self, model, tok, cfg: RunConfig, split: str) -> dict[str, float]:
         """{'base': acc, 'adapter': acc, 'delta_pp': Δ} on one split."""
-        from reprpo.evaluate import score_pairs, summarize
+        from reprpo.evaluate import score_pairs, scoring_setup, summarize
         from reprpo.forward import adapter_disabled
         from reprpo.stats import delta_pp
 
         key, pairs = self._pairs(cfg, tok, split)
-        bs = cfg.eval.batch_size
+        kw = scoring_setup(cfg, model, device_type=next(model.parameters()).device.type)  # evaluate_run's layout and batch size
         if key not in self._base:
             with adapter_disabled(model):
-                self._base[key] = summarize(score_pairs(model, pairs, pad_id=tok.pad_token_id, batch_size=bs))
-        ad = summarize(score_pairs(model, pairs, pad_id=tok.pad_token_id, batch_size=bs))
+                self._base[key] = summarize(score_pairs(model, pairs, pad_id=tok.pad_token_id, **kw))
+        ad = summarize(score_pairs(model, pairs, pad_id=tok.pad_token_id, **kw))
         b = self._base[key]["accuracy"]
         return {"base": b, "adapter": ad["accuracy"], "delta_pp": delta_pp(ad["accuracy"], b)}
 
