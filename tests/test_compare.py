@@ -239,3 +239,25 @@ def test_cli_compare_two_processes_share_one_store(tmp_path):
     con.close()
     assert main([*args, "--seeds", "1,2,3,4"]) == 0  # in-process rerun: all skipped (then the report)
     assert _counts(path) == c
+
+
+def test_store_open_retries_an_immediate_lock_and_names_the_file(tmp_path):
+    """Switching a new store to WAL can fail at once with "database is locked" while another
+    process creates the same file (seen 1 in 10 runs of the two-process test): it is retried;
+    other errors are not, and a lock that outlasts the wait names the file."""
+    from reprpo.store import _retry_locked
+
+    tries = []
+
+    def flaky():
+        tries.append(1)
+        if len(tries) < 3:
+            raise sqlite3.OperationalError("database is locked")
+        return "ok"
+
+    assert _retry_locked(flaky, path=tmp_path / "s.sqlite") == "ok" and len(tries) == 3
+    with pytest.raises(sqlite3.OperationalError, match="no such table"):
+        _retry_locked(lambda: (_ for _ in ()).throw(sqlite3.OperationalError("no such table: x")), path=tmp_path)
+    with pytest.raises(sqlite3.OperationalError, match="s.sqlite: still locked"):
+        _retry_locked(lambda: (_ for _ in ()).throw(sqlite3.OperationalError("database is locked")),
+                      path=tmp_path / "s.sqlite", seconds=0.2)

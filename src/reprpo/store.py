@@ -22,6 +22,7 @@ its partial rows deleted first.
 from __future__ import annotations
 
 import os
+import random
 import socket
 import sqlite3
 import time
@@ -98,14 +99,29 @@ COLUMNS = {
 }
 
 
+def _retry_locked(fn, *, path: Path, seconds: float = 60.0):
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            return fn()
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) and "busy" not in str(e):
+                raise
+            if time.monotonic() > deadline:
+                raise sqlite3.OperationalError(f"{path}: still locked by another process after {seconds:.0f} s ({e})") from e
+            time.sleep(0.02 + 0.08 * random.random())
+
+
 def connect(path: str | Path) -> sqlite3.Connection:
     """Open (and create) a store; safe for several writer processes."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     con = sqlite3.connect(str(p), timeout=60.0)
-    con.execute("PRAGMA journal_mode=WAL")
     con.execute("PRAGMA busy_timeout=60000")
-    con.executescript(SCHEMA)
+    # switching to WAL (and the first schema write) can report "locked" at once, without waiting
+    # on the busy timeout, while another process is creating the same file: retry those
+    _retry_locked(lambda: con.execute("PRAGMA journal_mode=WAL"), path=p)
+    _retry_locked(lambda: con.executescript(SCHEMA), path=p)
     with transaction(con):  # serialised, so two processes never both add a column
         for table, column, typ in ADDED_COLUMNS:
             have = {r[1] for r in con.execute(f"PRAGMA table_info({table})")}
