@@ -85,6 +85,9 @@ def prefix_supported(model) -> bool:
     return not getattr(cfg, "sliding_window", None) and types == {"full_attention"}
 
 
+PREFIX_STORE_SIZE = 4  # prefix encodings a no-grad scoring pass keeps (see prefix_kv)
+
+
 def prefix_kv(decoder, prefix_ids: torch.Tensor, *, store: dict | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per-layer (keys, values) of the batch prefix, each (1, kv_heads, h, head_dim).
 
@@ -102,9 +105,6 @@ def prefix_kv(decoder, prefix_ids: torch.Tensor, *, store: dict | None = None) -
             del store[min(store, key=lambda k: store[k][1])]
         store[key] = [kv, 0]  # [keys/values, times reused]
     return kv
-
-
-PREFIX_STORE_SIZE = 4
 
 
 # Attention kernel for the packed layout: "eager" | "sdpa" | "keep" (the model's). train() and
@@ -176,7 +176,7 @@ def sequence_logps(model, batch: PairBatch, *, chunk: int = 2048, full_logits: b
             logits = torch.tanh(logits / softcap) * softcap
         logp_all = torch.log_softmax(logits, dim=-1)
         lp = logp_all[in_row, pred, targets]
-    elif batch.packed:  # a response token both rows share (speed.share_response) gets the head once
+    elif batch.packed and batch.n_shared_response:  # a response token both rows share (speed.share_response) gets the head once
         uniq, inv = torch.unique(in_row * batch.input_ids.shape[1] + pos, return_inverse=True)  # (u,), (n,)
         first = torch.zeros_like(uniq).scatter_(0, inv, torch.arange(inv.shape[0], device=inv.device))  # one n-index per u
         lp = token_logps(head, hidden[in_row[first], pred[first]], targets[first], chunk=chunk, softcap=softcap)[inv]

@@ -73,6 +73,7 @@ class OutputMethod(nn.Module):
 
     supports_packing = True  # works on the shared-prompt layout
     supports_prefix = True  # and with a batch prefix taken out of the rows
+    cache_dirs = False  # gradient methods: the reference cache also stores per-pair directions
 
     def __init__(self, cfg: RunConfig):
         super().__init__()
@@ -80,8 +81,6 @@ class OutputMethod(nn.Module):
         self.lp_kw = {"chunk": cfg.speed.logit_chunk, "full_logits": not cfg.speed.response_logits}
         self.uses_reference = self.name != "simpo"  # so a reference cache helps
         self.cache_points: list[CapturePoint] = []
-
-    cache_dirs = False  # gradient methods: also cache per-pair reference directions
 
     def prepare(self, model, data: list[TokenizedPair], *, pad_id: int, cache=None, layout: dict | None = None) -> None:
         pass
