@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from reprpo.capture import pool
 from reprpo.data.tokenize import PairBatch
 from reprpo.forward import SeqLogps, adapter_disabled, base_model, sequence_logps
 
@@ -75,13 +76,6 @@ def _lora_B(name: str, m: nn.Module) -> nn.Linear:
     return m.lora_B[_active_adapter(name, m)]
 
 
-def pooled_outputs(y: Tensor, batch: PairBatch) -> Tensor:
-    """A module's output over the input rows (R, t, o) -> mean over each output row's response
-    tokens (2b, o), float32: rows [0, b) chosen, [b, 2b) rejected."""
-    m = batch.response_mask.to(device=y.device, dtype=torch.float32)[..., None]  # (2b, t, 1)
-    return (y.float()[batch.rows.to(y.device)] * m).sum(1) / m.sum(1).clamp(min=1)
-
-
 def directions_from_pooled(p: Tensor) -> Tensor:
     """(2b, o) pooled [chosen; rejected] -> u_b = normalise(p⁺ − p⁻), (b, o); 0 where p⁺ = p⁻."""
     b = p.shape[0] // 2
@@ -108,7 +102,7 @@ def reference_directions(model, batch: PairBatch) -> tuple[dict[str, Tensor], Se
         def hook(mod, args, out):
             if name in pooled:
                 raise RuntimeError(f"{name} ran twice in one forward; reference directions assume one call per module.")
-            pooled[name] = pooled_outputs(out, batch)  # (2b, o)
+            pooled[name] = pool(out.float()[batch.rows], response_mask=batch.response_mask, attention_mask=batch.pool_mask)  # (2b, o) response mean
 
         return hook
 

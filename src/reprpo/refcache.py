@@ -106,7 +106,7 @@ def build_ref_cache(
     """Reference log-probs (and pooled activations at `points`, and projgrad/projbp directions
     at the `directions` modules, name -> LoRA-wrapped module) of every pair, from disk when a
     cache with the same fingerprint exists, else computed (adapter off) and saved."""
-    from reprpo.gradproj import directions_from_pooled, pooled_outputs
+    from reprpo.gradproj import directions_from_pooled
 
     points = points or []
     directions = directions or {}
@@ -150,7 +150,8 @@ def build_ref_cache(
                     acts[p.key] = torch.zeros(n, 2, h.shape[-1])
                 acts[p.key][s : s + b] = torch.stack([h[:b], h[b:]], 1).cpu()
             for p in dir_points:
-                u = directions_from_pooled(pooled_outputs(store[p.key], batch))  # (b, o)
+                u = directions_from_pooled(pool(store[p.key].float()[batch.rows], response_mask=batch.response_mask,
+                                                attention_mask=batch.pool_mask))  # (b, o): response means, chosen − rejected
                 name = p.key[len("dir."):]
                 if name not in dirs:
                     dirs[name] = torch.zeros(n, u.shape[-1])
