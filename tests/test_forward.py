@@ -1,5 +1,6 @@
 import torch
 
+from reprpo import blocked_attention
 from reprpo.data.pairs import PreferencePair
 from reprpo.data.tokenize import collate_pairs, tokenize_pairs
 from reprpo.forward import sequence_logps, token_logps
@@ -46,15 +47,16 @@ def test_chunked_logsoftmax_matches_unchunked():
         assert torch.allclose(token_logps(head, h, t, chunk=chunk), want, atol=1e-6)
 
 
-def test_packed_shared_prompt_equals_padded(tiny):
+def test_packed_shared_prompt_equals_padded(tiny, monkeypatch):
     """Shared prompt prefix (one row per pair, 4D mask, restarted positions) gives the same
     log-probs as the padded [chosen; rejected] layout, for prompts of different lengths."""
+    monkeypatch.setattr(blocked_attention, "QUERY_BLOCK", 4)  # several query blocks per row
     from reprpo.data.tokenize import collate_packed
 
     model, tok = tiny
     tp = _pairs(tok)
     assert len({len(p.prompt_ids) for p in tp}) == 3
-    for impl in ("sdpa", "eager"):
+    for impl in ("sdpa", "eager", blocked_attention.NAME):
         model.config._attn_implementation = impl
         with torch.no_grad():
             a = sequence_logps(model, collate_pairs(tp, pad_id=tok.pad_token_id))
@@ -118,9 +120,10 @@ def test_batch_prefix_split_keeps_each_prompts_last_token(tiny):
     assert collate_packed(tp, pad_id=tok.pad_token_id, share_prefix=True, min_prefix=h + 1).prefix_ids is None
 
 
-def test_batch_prefix_logps_and_gradients_equal_unshared(tiny):
+def test_batch_prefix_logps_and_gradients_equal_unshared(tiny, monkeypatch):
     """Prefix encoded once + KV cache to every row == the padded layout: log-probs to 1e-4 for
     both attention kernels, and d(Σ ℓ)/dθ to 1e-4 relative (gradients reach the prefix)."""
+    monkeypatch.setattr(blocked_attention, "QUERY_BLOCK", 4)  # several query blocks per row
     import copy
 
     from reprpo.data.tokenize import collate_packed
@@ -129,7 +132,7 @@ def test_batch_prefix_logps_and_gradients_equal_unshared(tiny):
     tp = _header_pairs(tok)
     shared = collate_packed(tp, pad_id=tok.pad_token_id, share_prefix=True)
     assert shared.prefix_len > 0
-    for impl in ("sdpa", "eager"):
+    for impl in ("sdpa", "eager", blocked_attention.NAME):
         model.config._attn_implementation = impl
         with torch.no_grad():
             a = sequence_logps(model, collate_pairs(tp, pad_id=tok.pad_token_id))
@@ -216,11 +219,12 @@ def _sharing_pairs(tok, *, append_eos=True):
     return tokenize_pairs(ps, tok, max_length=96, max_prompt_length=64, append_eos=append_eos)[0]
 
 
-def test_shared_response_tokens_equal_padded(tiny):
+def test_shared_response_tokens_equal_padded(tiny, monkeypatch):
     """speed.share_response: the rejected row reads its first k tokens (shared with the chosen)
     at the chosen positions and its tail branches off after them. Log-probs (both kernels),
     token counts, gradients and response-pooled activations equal the padded layout; with a
     batch header too."""
+    monkeypatch.setattr(blocked_attention, "QUERY_BLOCK", 4)  # several query blocks per row
     import copy
 
     from reprpo.capture import capture, capture_points, pool
@@ -236,7 +240,7 @@ def test_shared_response_tokens_equal_padded(tiny):
         assert shared.n_shared_response == sum(ks) and plain.n_shared_response == 0
         assert shared.n_tokens == plain.n_tokens - sum(ks)
         padded = collate_pairs(tp, pad_id=tok.pad_token_id)
-        for impl in ("sdpa", "eager"):
+        for impl in ("sdpa", "eager", blocked_attention.NAME):
             model.config._attn_implementation = impl
             with torch.no_grad():
                 a, b = sequence_logps(model, padded), sequence_logps(model, shared)

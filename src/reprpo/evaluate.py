@@ -14,7 +14,7 @@ import pandas as pd
 import torch
 
 from reprpo.data.tokenize import TokenizedPair, collate, set_header
-from reprpo.forward import adapter_disabled, sequence_logps
+from reprpo.forward import VOCAB_CHUNK, adapter_disabled, sequence_logps
 
 
 @torch.no_grad()
@@ -30,7 +30,7 @@ def score_pairs(model, pairs: list[TokenizedPair], *, pad_id: int, batch_size: i
         idx = order[s : s + batch_size]
         batch = collate([pairs[i] for i in idx], pad_id=pad_id, packed=packed, share_prefix=share_prefix, header=header,
                         share_response=share_response).to(device)
-        lp = sequence_logps(model, batch, chunk=chunk, prefix_store=prefix_store)
+        lp = sequence_logps(model, batch, chunk=chunk, prefix_store=prefix_store, vocab_chunk=VOCAB_CHUNK)
         cs, rs = lp.chosen_rejected()
         b = len(idx)
         cn, rn = lp.n_tokens[:b], lp.n_tokens[b:]
