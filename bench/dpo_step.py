@@ -107,15 +107,15 @@ def _w2_pairs(n_pairs: int):
     return model, tok, pairs
 
 
-def child_w2(program: str, n_pairs: int, batch_size: int) -> None:
+def child_w2(program: str, n_pairs: int, batch_size: int, workers: int) -> None:
     """W2 scoring, one program per process, per-pair mean log-probs printed with the time.
 
     naive: one pair per forward ([chosen; rejected] padded into 2 rows), full logits and a
     log-softmax over the vocabulary, default allocator -- what a plain loop does.
     reprpo: `score_pairs` with every speed lever (length-sorted batches, prompt encoded once,
     the template header encoded once and reused, the response tokens chosen and rejected share
-    encoded once, logits at response tokens only, sdpa,
-    speed.keep_memory)."""
+    encoded once, logits at response tokens only, blocked attention, worker threads with one
+    torch thread each (eval.workers auto), speed.keep_memory)."""
     import torch
 
     from reprpo.data.tokenize import collate_pairs
@@ -129,10 +129,12 @@ def child_w2(program: str, n_pairs: int, batch_size: int) -> None:
     print(f"w2 {program}: {len(pairs)} pairs, mean tokens/pair {sum(p.length for p in pairs) / len(pairs):.0f}", file=sys.stderr)
     t0 = time.perf_counter()
     if program == "reprpo":
-        from reprpo.evaluate import score_pairs
+        from reprpo import forward
+        from reprpo.evaluate import cpu_workers, score_pairs
 
+        forward.PACKED_ATTENTION["impl"] = forward.resolve_packed_attention("auto", training=False, device_type="cpu")
         df = score_pairs(model, pairs, pad_id=tok.pad_token_id, batch_size=batch_size, packed=True, share_prefix=True,
-                         share_response=True)
+                         share_response=True, workers=workers or cpu_workers("cpu"))
         scores = list(zip(df.chosen_logp_mean.tolist(), df.rejected_logp_mean.tolist()))
     else:
         scores = []
@@ -166,6 +168,7 @@ def main() -> None:
     ap.add_argument("workload", choices=["w1", "w2", "w3", "w1-match", "_ours", "_w2"])
     ap.add_argument("--program", default="reprpo", help=argparse.SUPPRESS)
     ap.add_argument("--batch", type=int, default=1, help="w2: pairs per scoring batch (ours; 1 is fastest on CPU: no padding)")
+    ap.add_argument("--workers", type=int, default=0, help="w2: our scoring threads (0 = auto, as eval.workers)")
     ap.add_argument("--repeats", type=int, default=1, help="alternating rounds of every program")
     ap.add_argument("--presets", default=",".join(W3_PRESETS), help="w3: comma list of presets")
     ap.add_argument("--pairs", type=int, default=128, help="w2: pairs of code_hard test.json to score")
@@ -174,7 +177,7 @@ def main() -> None:
     if args.workload == "_ours":
         return child_ours(rest)
     if args.workload == "_w2":
-        return child_w2(args.program, args.pairs, args.batch)
+        return child_w2(args.program, args.pairs, args.batch, args.workers)
     if not GENIES.is_dir():
         raise SystemExit(f"GENIES data not found at {GENIES}: the benchmarks need ../shared/data/genies.")
     env = dict(os.environ)
@@ -185,7 +188,8 @@ def main() -> None:
         runs: dict[str, list[dict]] = {"naive": [], "reprpo": []}
         for rnd in range(args.repeats):
             for prog in runs:
-                r = run_child([me, "_w2", "--program", prog, "--pairs", str(args.pairs), "--batch", str(args.batch)], env)
+                r = run_child([me, "_w2", "--program", prog, "--pairs", str(args.pairs), "--batch", str(args.batch),
+                               "--workers", str(args.workers)], env)
                 runs[prog].append(r)
                 print(f"round {rnd + 1} {prog}: {r['pairs_per_s']:.3f} pairs/s ({r['sec']:.0f} s), peak RSS {r['peak_rss_mb']:.0f} MB", flush=True)
         gap = max(abs(a - b) for rn, rf in zip(runs["naive"], runs["reprpo"])

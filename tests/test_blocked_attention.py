@@ -1,4 +1,4 @@
-"""Blocked attention (speed.packed_attention=blocks) and the streamed no-grad log-softmax."""
+"""Blocked attention (speed.packed_attention=blocks): SDPA per query block over its visible keys."""
 
 import pytest
 import torch
@@ -6,7 +6,7 @@ import torch
 from reprpo import blocked_attention as ba
 from reprpo.data.pairs import PreferencePair
 from reprpo.data.tokenize import collate_packed, tokenize_pairs
-from reprpo.forward import model_inputs, resolve_packed_attention, token_logps
+from reprpo.forward import model_inputs, resolve_packed_attention
 
 
 def _one_pair_mask() -> torch.Tensor:
@@ -99,29 +99,3 @@ def test_auto_kernel_per_stage():
     assert resolve_packed_attention("auto", training=True, device_type="cpu") == "eager"
     assert resolve_packed_attention("auto", training=False, device_type="cuda") == "keep"
     assert resolve_packed_attention("sdpa", training=False, device_type="cpu") == "sdpa"
-
-
-def test_streamed_logsoftmax_equals_full():
-    """token_logps with vocab_chunk streams the vocabulary in blocks; it equals
-    log_softmax[targets] (to 1e-6) for block sizes that do and do not divide v = 50, with a
-    bias and a softcap, and targets on block edges (0, 6, 7, 49); so do its gradients."""
-    torch.manual_seed(0)
-    head = torch.nn.Linear(8, 50, bias=True)
-    h = torch.randn(9, 8)
-    t = torch.tensor([0, 6, 7, 49, 13, 14, 20, 21, 35])
-    for softcap in (None, 2.0):
-        z = head(h)
-        if softcap:
-            z = torch.tanh(z / softcap) * softcap
-        want = torch.log_softmax(z, -1).gather(1, t[:, None]).squeeze(1)
-        with torch.no_grad():
-            for vc in (1, 7, 10, 49, 50):
-                for chunk in (4, 100):
-                    got = token_logps(head, h, t, chunk=chunk, softcap=softcap, vocab_chunk=vc)
-                    assert torch.allclose(got, want, atol=1e-6), (softcap, vc, chunk)
-        grads = []
-        for vc in (0, 7):
-            head.zero_grad()
-            token_logps(head, h, t, softcap=softcap, vocab_chunk=vc).sum().backward()
-            grads.append(torch.cat([head.weight.grad.flatten(), head.bias.grad]))
-        assert torch.allclose(grads[0], grads[1], atol=1e-6)

@@ -125,6 +125,7 @@ class SpeedConfig:
 @dataclass
 class EvalConfig:
     batch_size: int = F(0, "pairs per scoring batch; 0 = auto: 1 on CPU (the shared-prompt layout then has no padding; fastest there, bench W2), 8 on GPU")
+    workers: int = F(0, "scoring threads sharing the model, torch's threads divided among them; 0 = auto: one per torch thread (at most 4) on CPU, where one thread per core scored W2 faster than one worker with all threads; 1 on GPU")
     after_train: bool = F(True, "`reprpo train` evaluates base vs adapter on the eval splits when done")
     per_pair_format: str = F("parquet", "per-pair score file format: parquet | csv")
 
@@ -264,6 +265,8 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"{name} must be >= 1, got {v}.")
     if cfg.eval.batch_size < 0:
         raise ConfigError(f"eval.batch_size must be >= 1, or 0 for auto, got {cfg.eval.batch_size}.")
+    if cfg.eval.workers < 0:
+        raise ConfigError(f"eval.workers must be >= 1, or 0 for auto, got {cfg.eval.workers}.")
     if t.schedule not in ("cosine", "linear", "constant"):
         raise ConfigError(f"train.schedule must be cosine, linear or constant, got {t.schedule!r}.")
     if not 0 <= t.warmup_ratio < 1:

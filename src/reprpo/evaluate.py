@@ -7,40 +7,89 @@ masked, so batched scores equal one-pair-at-a-time scores (tested).
 
 from __future__ import annotations
 
+import queue
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
+from reprpo import forward
 from reprpo.data.tokenize import TokenizedPair, collate, set_header
-from reprpo.forward import VOCAB_CHUNK, adapter_disabled, sequence_logps
+from reprpo.forward import adapter_disabled, sequence_logps
 
 
 @torch.no_grad()
 def score_pairs(model, pairs: list[TokenizedPair], *, pad_id: int, batch_size: int = 8, device=None,
-                packed: bool = False, share_prefix: bool = False, share_response: bool = False, chunk: int = 2048) -> pd.DataFrame:
-    """Per-pair log-prob sums/means for chosen and rejected, in the order of `pairs`."""
+                packed: bool = False, share_prefix: bool = False, share_response: bool = False, chunk: int = 2048,
+                workers: int = 1) -> pd.DataFrame:
+    """Per-pair log-prob sums/means for chosen and rejected, in the order of `pairs`.
+
+    `workers` > 1 scores the batches in that many threads that share the model, torch's
+    intra-op threads divided among them (`cpu_workers`). On 2 CPU cores, two workers with
+    one thread each scored 32 W2 pairs in 25.4-25.7 s against 25.9-30.3 s for one worker with
+    two threads (same scores): one thread per core has no per-operation synchronisation."""
     device = device or next(model.parameters()).device
     order = sorted(range(len(pairs)), key=lambda i: -pairs[i].length)  # longest first: OOM shows early
-    rows: dict[int, dict] = {}
-    prefix_store: dict = {}  # a template header shared by the batches is encoded once
     header = set_header(pairs) if packed and share_prefix else None
+    todo: queue.SimpleQueue = queue.SimpleQueue()
     for s in range(0, len(order), batch_size):
-        idx = order[s : s + batch_size]
-        batch = collate([pairs[i] for i in idx], pad_id=pad_id, packed=packed, share_prefix=share_prefix, header=header,
-                        share_response=share_response).to(device)
-        lp = sequence_logps(model, batch, chunk=chunk, prefix_store=prefix_store, vocab_chunk=VOCAB_CHUNK)
-        cs, rs = lp.chosen_rejected()
-        b = len(idx)
-        cn, rn = lp.n_tokens[:b], lp.n_tokens[b:]
-        for j, i in enumerate(idx):
-            rows[i] = {
-                "pair": pairs[i].index,
-                "chosen_logp_sum": float(cs[j]), "rejected_logp_sum": float(rs[j]),
-                "chosen_tokens": int(cn[j]), "rejected_tokens": int(rn[j]),
-            }
+        todo.put(order[s : s + batch_size])
+    rows: dict[int, dict] = {}
+
+    @torch.no_grad()  # grad mode is per thread
+    def work() -> None:
+        prefix_store: dict = {}  # a template header shared by the batches is encoded once (per worker)
+        while True:
+            try:
+                idx = todo.get_nowait()
+            except queue.Empty:
+                return
+            batch = collate([pairs[i] for i in idx], pad_id=pad_id, packed=packed, share_prefix=share_prefix, header=header,
+                            share_response=share_response).to(device)
+            lp = sequence_logps(model, batch, chunk=chunk, prefix_store=prefix_store)
+            cs, rs = lp.chosen_rejected()
+            b = len(idx)
+            cn, rn = lp.n_tokens[:b], lp.n_tokens[b:]
+            for j, i in enumerate(idx):
+                rows[i] = {
+                    "pair": pairs[i].index,
+                    "chosen_logp_sum": float(cs[j]), "rejected_logp_sum": float(rs[j]),
+                    "chosen_tokens": int(cn[j]), "rejected_tokens": int(rn[j]),
+                }
+
+    workers = max(1, min(workers, todo.qsize()))
+    if workers == 1:
+        work()
+    else:
+        # run_decoder switches the attention kernel per call; set it once here, so the workers'
+        # switches are no-ops and none of them restores the kernel under another's feet.
+        impl = forward.PACKED_ATTENTION["impl"] if packed else "keep"
+        with forward.attention_impl(model, impl), intra_op_threads(max(1, torch.get_num_threads() // workers)):
+            with ThreadPoolExecutor(workers) as pool:
+                for f in [pool.submit(work) for _ in range(workers)]:
+                    f.result()  # re-raises a worker's error here
     return finish_scores(pd.DataFrame([rows[i] for i in range(len(pairs))]))
+
+
+def cpu_workers(device_type: str) -> int:
+    """Scoring workers for `eval.workers` 0 (auto): one per torch thread, at most 4, on CPU
+    (measured on 2 cores only); 1 on GPUs."""
+    return min(4, torch.get_num_threads()) if device_type == "cpu" else 1
+
+
+@contextmanager
+def intra_op_threads(n: int):
+    """torch's intra-op thread count set to `n` inside the block (threads started inside take
+    it), restored after."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 def finish_scores(df: pd.DataFrame) -> pd.DataFrame:
@@ -83,8 +132,9 @@ def base_scores_cached(model, pairs: list[TokenizedPair], *, pad_id: int, batch_
 
 def evaluate_splits(model, tokenizer, splits: dict[str, list[TokenizedPair]], *, batch_size: int, with_adapter: bool = True,
                     packed: bool = False, share_prefix: bool = False, share_response: bool = False, ref_cache: bool = False,
-                    chunk: int = 2048) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Score each split for `base` (adapter off) and, if present, `adapter`.
+                    chunk: int = 2048, workers: int = 1) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Score each split for `base` (adapter off) and, if present, `adapter` (`workers`: see score_pairs;
+    base scores from the reference cache are computed in one thread, as its activation capture needs).
 
     With `ref_cache`, base scores come from (and go to) the offline reference cache.
     Returns (summary table: one row per split, per-pair rows with split and model columns)."""
@@ -99,9 +149,9 @@ def evaluate_splits(model, tokenizer, splits: dict[str, list[TokenizedPair]], *,
                 df = base_scores_cached(model, pairs, pad_id=pad, batch_size=batch_size, chunk=chunk, **lay)
             elif disable:
                 with adapter_disabled(model):
-                    df = score_pairs(model, pairs, pad_id=pad, batch_size=batch_size, chunk=chunk, **lay)
+                    df = score_pairs(model, pairs, pad_id=pad, batch_size=batch_size, chunk=chunk, workers=workers, **lay)
             else:
-                df = score_pairs(model, pairs, pad_id=pad, batch_size=batch_size, chunk=chunk, **lay)
+                df = score_pairs(model, pairs, pad_id=pad, batch_size=batch_size, chunk=chunk, workers=workers, **lay)
             df.insert(0, "model", name)
             df.insert(0, "split", split)
             per_pair.append(df)
@@ -152,7 +202,8 @@ def scoring_setup(cfg, model, *, device_type: str) -> dict:
     forward.PACKED_ATTENTION["impl"] = forward.resolve_packed_attention(sp.packed_attention, training=False, device_type=device_type)
     return {"packed": sp.share_prompt, "share_prefix": sp.share_prompt and sp.share_prefix and forward.prefix_supported(model),
             "share_response": sp.share_prompt and sp.share_response, "chunk": sp.logit_chunk,
-            "batch_size": cfg.eval.batch_size or (1 if device_type == "cpu" else 8)}
+            "batch_size": cfg.eval.batch_size or (1 if device_type == "cpu" else 8),
+            "workers": cfg.eval.workers or cpu_workers(device_type)}
 
 
 def evaluate_run(cfg, *, adapter_dir: str | Path | None, out: Path) -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -48,50 +48,20 @@ def decoder_and_head(model):
     return lm.get_decoder(), lm.get_output_embeddings()
 
 
-VOCAB_CHUNK = 2048  # vocabulary columns per block when scoring streams the log-softmax (see token_logps)
-
-
-def token_logps(head, h: torch.Tensor, targets: torch.Tensor, *, chunk: int = 2048, softcap: float | None = None,
-                vocab_chunk: int = 0) -> torch.Tensor:
+def token_logps(head, h: torch.Tensor, targets: torch.Tensor, *, chunk: int = 2048, softcap: float | None = None) -> torch.Tensor:
     """log softmax(head(h))[targets], computed `chunk` rows at a time (bounded logits memory).
 
-    `vocab_chunk` > 0 (and a plain linear head) also streams the vocabulary that many columns
-    at a time, combining log Σ exp over the blocks: each block of logits stays in cache instead
-    of a (c, v) array going through memory. On SmolLM2's 49k vocabulary the head + log-softmax
-    ran 1.4x faster (273 rows: 97 against 135 ms). Evaluation scoring uses it; training and
-    its reference passes keep whole rows, so policy and reference see identical numerics.
-
     h: (n, d), targets: (n,) -> (n,) in float32."""
-    stream = type(head) is torch.nn.Linear and 0 < vocab_chunk < head.out_features
     out = []
     for i in range(0, h.shape[0], chunk):
-        hc, tgt = h[i : i + chunk], targets[i : i + chunk]
-        if stream:
-            out.append(_streamed_token_logps(head, hc, tgt, vocab_chunk=vocab_chunk, softcap=softcap))
-            continue
-        logits = head(hc).float()  # (c, v)
+        logits = head(h[i : i + chunk]).float()  # (c, v)
         if softcap:
             logits = torch.tanh(logits / softcap) * softcap
+        tgt = targets[i : i + chunk]
         out.append(logits.gather(1, tgt[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1))
     if not out:
         return h.new_zeros(0, dtype=torch.float32)
     return torch.cat(out)
-
-
-def _streamed_token_logps(head: torch.nn.Linear, h: torch.Tensor, targets: torch.Tensor, *, vocab_chunk: int,
-                          softcap: float | None) -> torch.Tensor:
-    """token_logps over vocabulary blocks: z_y − log Σ_blocks exp(log Σ_{j∈block} exp z_j)."""
-    lse, tgt_logit = [], h.new_zeros(h.shape[0], dtype=torch.float32)  # per block (c,); (c,)
-    for s in range(0, head.out_features, vocab_chunk):
-        bias = None if head.bias is None else head.bias[s : s + vocab_chunk]
-        logits = torch.nn.functional.linear(h, head.weight[s : s + vocab_chunk], bias).float()  # (c, vc)
-        if softcap:
-            logits = torch.tanh(logits / softcap) * softcap
-        lse.append(torch.logsumexp(logits, dim=-1))
-        inside = (targets >= s) & (targets < s + logits.shape[1])
-        picked = logits.gather(1, (targets - s).clamp(0, logits.shape[1] - 1)[:, None]).squeeze(1)
-        tgt_logit = torch.where(inside, picked, tgt_logit)
-    return tgt_logit - torch.logsumexp(torch.stack(lse, dim=-1), dim=-1)
 
 
 def model_inputs(batch: PairBatch, *, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -193,14 +163,12 @@ def run_decoder(model, batch: PairBatch, *, prefix_store: dict | None = None) ->
         return decoder(**kw).last_hidden_state
 
 
-def sequence_logps(model, batch: PairBatch, *, chunk: int = 2048, full_logits: bool = False, prefix_store: dict | None = None,
-                   vocab_chunk: int = 0) -> SeqLogps:
+def sequence_logps(model, batch: PairBatch, *, chunk: int = 2048, full_logits: bool = False, prefix_store: dict | None = None) -> SeqLogps:
     """ℓ(y|x) = Σ_{t∈response} log π(y_t | x, y_<t) for every output row of the batch.
 
     Runs the decoder once over the input rows and applies the output head only at the
     positions that predict a response token. `full_logits=True` computes the head at every
-    position first (the plain way; for checking and for like-for-like benchmarks).
-    `vocab_chunk` > 0 streams the vocabulary in the log-softmax (scoring: see token_logps)."""
+    position first (the plain way; for checking and for like-for-like benchmarks)."""
     _, head = decoder_and_head(model)
     hidden = run_decoder(model, batch, prefix_store=prefix_store)  # (R, t, d)
     out_row, pos = batch.response_mask.bool().nonzero(as_tuple=True)  # (n,), (n,)
@@ -217,10 +185,9 @@ def sequence_logps(model, batch: PairBatch, *, chunk: int = 2048, full_logits: b
     elif batch.packed and batch.n_shared_response:  # a response token both rows share (speed.share_response) gets the head once
         uniq, inv = torch.unique(in_row * batch.input_ids.shape[1] + pos, return_inverse=True)  # (u,), (n,)
         first = torch.zeros_like(uniq).scatter_(0, inv, torch.arange(inv.shape[0], device=inv.device))  # one n-index per u
-        lp = token_logps(head, hidden[in_row[first], pred[first]], targets[first], chunk=chunk, softcap=softcap,
-                        vocab_chunk=vocab_chunk)[inv]
+        lp = token_logps(head, hidden[in_row[first], pred[first]], targets[first], chunk=chunk, softcap=softcap)[inv]
     else:
-        lp = token_logps(head, hidden[in_row, pred], targets, chunk=chunk, softcap=softcap, vocab_chunk=vocab_chunk)  # (n,)
+        lp = token_logps(head, hidden[in_row, pred], targets, chunk=chunk, softcap=softcap)  # (n,)
     r = batch.response_mask.shape[0]
     logp_sum = torch.zeros(r, dtype=lp.dtype, device=lp.device).index_add(0, out_row, lp)
     return SeqLogps(logp_sum=logp_sum, n_tokens=batch.response_mask.sum(1))
