@@ -28,9 +28,10 @@ def score_pairs(model, pairs: list[TokenizedPair], *, pad_id: int, batch_size: i
     """Per-pair log-prob sums/means for chosen and rejected, in the order of `pairs`.
 
     `workers` > 1 scores the batches in that many threads that share the model, torch's
-    intra-op threads divided among them (`cpu_workers`). On 2 CPU cores, two workers with
-    one thread each scored 32 W2 pairs in 25.4-25.7 s against 25.9-30.3 s for one worker with
-    two threads (same scores): one thread per core has no per-operation synchronisation."""
+    intra-op threads divided among them (`cpu_workers`): one thread per core has no
+    per-operation synchronisation. On 2 CPU cores, W2 in fresh processes: two workers with one
+    thread each 1.31 pairs/s, one worker with two threads 1.07-1.10 (bench/results/w2-workers.txt);
+    interleaved in one process the gain was 1-5% (bench/scoring_ab.py). Scores are the same."""
     device = device or next(model.parameters()).device
     order = sorted(range(len(pairs)), key=lambda i: -pairs[i].length)  # longest first: OOM shows early
     header = set_header(pairs) if packed and share_prefix else None
