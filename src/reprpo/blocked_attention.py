@@ -18,6 +18,7 @@ Registered with transformers as the attention implementation "reprpo_blocks"; a 
 
 from __future__ import annotations
 
+import threading
 import weakref
 
 import torch
@@ -25,7 +26,7 @@ import torch
 NAME = "reprpo_blocks"
 QUERY_BLOCK = 128  # queries per SDPA call; tests set it small to cover many blocks
 
-_last_plan: list = [None, None, None]  # (weakref to the mask, block size, plan): one mask serves every layer
+_last = threading.local()  # per thread (scoring workers): (weakref to the mask, block size, plan); one mask serves every layer
 
 
 def block_plan(mask: torch.Tensor, block: int) -> list[tuple[int, int, slice | torch.Tensor]]:
@@ -50,11 +51,11 @@ def block_plan(mask: torch.Tensor, block: int) -> list[tuple[int, int, slice | t
 
 
 def _plan_for(mask: torch.Tensor, block: int):
-    ref, b, plan = _last_plan
+    ref, b, plan = getattr(_last, "plan", (None, None, None))
     if ref is not None and ref() is mask and b == block:
         return plan
     plan = block_plan(mask, block)
-    _last_plan[:] = [weakref.ref(mask), block, plan]
+    _last.plan = (weakref.ref(mask), block, plan)
     return plan
 
 
