@@ -98,7 +98,7 @@ def child_ours(argv: list[str]) -> None:
 def _w2_pairs(n_pairs: int):
     from reprpo.config import RunConfig, apply_overrides
     from reprpo.data.prepare import prepare
-    from reprpo.models import load_model_and_tokenizer
+    from reprpo.model.loading import load_model_and_tokenizer
 
     cfg = apply_overrides(RunConfig(), {"data.max_length": 512, "data.max_prompt_length": 384}, where="w2")
     model, tok = load_model_and_tokenizer("smollm2-135m-instruct")
@@ -119,18 +119,18 @@ def child_w2(program: str, n_pairs: int, batch_size: int, workers: int) -> None:
     import torch
 
     from reprpo.data.tokenize import collate_pairs
-    from reprpo.forward import sequence_logps
+    from reprpo.model.forward import sequence_logps
 
     if program == "reprpo":
-        from reprpo.memory import keep_freed_memory
+        from reprpo.model.memory import keep_freed_memory
 
         keep_freed_memory()
     model, tok, pairs = _w2_pairs(n_pairs)
     print(f"w2 {program}: {len(pairs)} pairs, mean tokens/pair {sum(p.length for p in pairs) / len(pairs):.0f}", file=sys.stderr)
     t0 = time.perf_counter()
     if program == "reprpo":
-        from reprpo import forward
-        from reprpo.evaluate import cpu_workers, score_pairs
+        from reprpo.model import forward
+        from reprpo.eval.scoring import cpu_workers, score_pairs
 
         forward.PACKED_ATTENTION["impl"] = forward.resolve_packed_attention("auto", training=False, device_type="cpu")
         df = score_pairs(model, pairs, pad_id=tok.pad_token_id, batch_size=batch_size, packed=True, share_prefix=True,

@@ -15,9 +15,9 @@ import torch
 from reprpo.config import RunConfig, apply_overrides
 from reprpo.data.prepare import prepare
 from reprpo.data.tokenize import collate
-from reprpo.forward import attention_impl, decoder_and_head, token_logps
-from reprpo.memory import keep_freed_memory
-from reprpo.models import load_model_and_tokenizer
+from reprpo.model.forward import attention_impl, decoder_and_head, token_logps
+from reprpo.model.memory import keep_freed_memory
+from reprpo.model.loading import load_model_and_tokenizer
 from reprpo.train import make_lora
 
 W1 = Path(__file__).resolve().parents[2] / "shared/data/genies/us_history_textbook/train.json"
@@ -31,7 +31,7 @@ def main() -> None:
     model.train()
     pairs = prepare(str(W1), tok, cfg.data, limit=4).tokenized
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    from reprpo import forward
+    from reprpo.model import forward
 
     layouts = [("eager", True, True, True), ("eager", True, True, False), ("eager", True, False, False), ("sdpa", False, False, False)]
     for impl, packed, prefix, response in layouts:

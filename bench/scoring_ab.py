@@ -28,9 +28,9 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
-    from reprpo import forward
-    from reprpo.evaluate import cpu_workers, score_pairs
-    from reprpo.memory import keep_freed_memory
+    from reprpo.model import forward
+    from reprpo.eval.scoring import cpu_workers, score_pairs
+    from reprpo.model.memory import keep_freed_memory
 
     keep_freed_memory()
     model, tok, pairs = dpo_step._w2_pairs(args.pairs)

@@ -75,7 +75,7 @@ def main():
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
-    from reprpo.models import resolve_model
+    from reprpo.model.loading import resolve_model
 
     datasets.disable_progress_bars()
     log(f"torch {torch.__version__} threads={torch.get_num_threads()} transformers {transformers.__version__} "

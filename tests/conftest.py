@@ -35,7 +35,7 @@ def tiny():
     """(model, tokenizer): 2-layer Llama, width 64, character tokenizer with a chat template."""
     import torch
 
-    from reprpo.testing import build_tiny_model
+    from reprpo.model.tiny import build_tiny_model
 
     torch.manual_seed(0)
     return build_tiny_model(seed=0)

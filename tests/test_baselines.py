@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from reprpo.losses import cdpo_loss, dpo_loss, hinge_loss, ipo_loss, simpo_loss
+from reprpo.methods.losses import cdpo_loss, dpo_loss, hinge_loss, ipo_loss, simpo_loss
 
 LN2 = math.log(2.0)
 

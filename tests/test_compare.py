@@ -9,9 +9,9 @@ import sys
 
 import pytest
 
-from reprpo import store
-from reprpo.coherence import generation_check, ngram_metrics
-from reprpo.compare import build_run_config, run_grid, run_id_of, shift_spec
+from reprpo.experiments import store
+from reprpo.eval.coherence import generation_check, ngram_metrics
+from reprpo.experiments.compare import build_run_config, run_grid, run_id_of, shift_spec
 from reprpo.config import RunConfig, apply_overrides
 from reprpo.errors import ConfigError
 
@@ -245,7 +245,7 @@ def test_store_open_retries_an_immediate_lock_and_names_the_file(tmp_path):
     """Switching a new store to WAL can fail at once with "database is locked" while another
     process creates the same file (seen 1 in 10 runs of the two-process test): it is retried;
     other errors are not, and a lock that outlasts the wait names the file."""
-    from reprpo.store import _retry_locked
+    from reprpo.experiments.store import _retry_locked
 
     tries = []
 

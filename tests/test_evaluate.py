@@ -4,7 +4,7 @@ import torch
 
 from reprpo.data.pairs import PreferencePair
 from reprpo.data.tokenize import tokenize_pairs
-from reprpo.evaluate import markdown_table, score_pairs, summarize
+from reprpo.eval.scoring import markdown_table, score_pairs, summarize
 
 
 def test_accuracy_margin_ppl_on_hand_built_logps():
@@ -57,7 +57,7 @@ def test_worker_threads_score_like_one(tiny, monkeypatch):
     """workers=3 (threads sharing the model) gives the same per-pair rows, in the same order,
     as one worker, for the padded and the shared-prompt layouts; the attention kernel and
     torch's thread count are restored after; a worker's error reaches the caller."""
-    from reprpo import blocked_attention, evaluate, forward
+    from reprpo.model import blocked_attention, evaluate, forward
 
     model, tok = tiny
     monkeypatch.setattr(blocked_attention, "QUERY_BLOCK", 4)
@@ -83,7 +83,7 @@ def test_worker_threads_score_like_one(tiny, monkeypatch):
 
 
 def test_auto_workers_per_device(monkeypatch):
-    from reprpo.evaluate import cpu_workers
+    from reprpo.eval.scoring import cpu_workers
 
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     assert cpu_workers("cpu") == 2 and cpu_workers("cuda") == 1

@@ -1,9 +1,9 @@
 import torch
 
-from reprpo import blocked_attention
+from reprpo.model import blocked_attention
 from reprpo.data.pairs import PreferencePair
 from reprpo.data.tokenize import collate_pairs, tokenize_pairs
-from reprpo.forward import sequence_logps, token_logps
+from reprpo.model.forward import sequence_logps, token_logps
 
 
 def _pairs(tok):
@@ -156,7 +156,7 @@ def test_batch_prefix_logps_and_gradients_equal_unshared(tiny, monkeypatch):
 def test_scoring_encodes_a_set_wide_header_once(tiny):
     """score_pairs with share_prefix: the header common to the whole set is encoded once and
     reused by every batch, batches of one pair included; scores equal the padded layout's."""
-    from reprpo.evaluate import score_pairs
+    from reprpo.eval.scoring import score_pairs
 
     model, tok = tiny
     tp = _header_pairs(tok)
@@ -180,7 +180,7 @@ def test_a_header_lost_by_left_cut_prompts_still_serves_the_others(tiny):
     the uncut prompts share; batches holding a cut prompt find their own prefix (or none), the
     others reuse the one stored encoding of the header; scores equal the padded layout's."""
     from reprpo.data.tokenize import collate_packed, set_header
-    from reprpo.evaluate import score_pairs
+    from reprpo.eval.scoring import score_pairs
 
     model, tok = tiny
     head = "### Instruction: answer\n"
@@ -227,7 +227,7 @@ def test_shared_response_tokens_equal_padded(tiny, monkeypatch):
     monkeypatch.setattr(blocked_attention, "QUERY_BLOCK", 4)  # several query blocks per row
     import copy
 
-    from reprpo.capture import capture, capture_points, pool
+    from reprpo.model.capture import capture, capture_points, pool
     from reprpo.data.tokenize import collate_packed, response_common_len
 
     model, tok = tiny

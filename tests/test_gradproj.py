@@ -11,8 +11,8 @@ import torch
 from reprpo.config import RunConfig, apply_overrides
 from reprpo.data.pairs import PreferencePair
 from reprpo.data.tokenize import collate_pairs, tokenize_pairs
-from reprpo.forward import adapter_disabled, sequence_logps
-from reprpo.gradproj import (
+from reprpo.model.forward import adapter_disabled, sequence_logps
+from reprpo.methods.gradproj import (
     lora_modules,
     projbp,
     projected_weight_grad,
@@ -20,7 +20,7 @@ from reprpo.gradproj import (
     reference_directions,
     rewrite_grad_output,
 )
-from reprpo.losses import dpo_loss
+from reprpo.methods.losses import dpo_loss
 from reprpo.train import make_lora
 
 TEXTS = [
@@ -341,9 +341,9 @@ def test_cached_directions_equal_online_ones(lora, tmp_path, monkeypatch):
     """build_ref_cache(directions=...) stores u_b per pair and module; a batch's lookup equals
     reference_directions on that batch (padded and shared-prompt layouts). On disk they come
     back memory-mapped and equal; another module set is another cache file."""
-    import reprpo.refcache as rc
+    import reprpo.model.refcache as rc
     from reprpo.data.tokenize import collate
-    from reprpo.refcache import build_ref_cache
+    from reprpo.model.refcache import build_ref_cache
 
     monkeypatch.setenv("REPRPO_CACHE", str(tmp_path / "c"))
     model, tok = lora
@@ -374,8 +374,8 @@ def test_method_with_cached_directions_and_shared_layout_gives_the_padded_gradie
     shared-prompt layout with shared response tokens -> the gradients of the padded layout with
     an online reference pass."""
     from reprpo.data.tokenize import collate
-    from reprpo.methods import build_method
-    from reprpo.refcache import build_ref_cache
+    from reprpo.methods.presets import build_method
+    from reprpo.model.refcache import build_ref_cache
 
     monkeypatch.setenv("REPRPO_CACHE", str(tmp_path))
     model, tok = lora

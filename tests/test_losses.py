@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from reprpo.losses import dpo_loss
+from reprpo.methods.losses import dpo_loss
 
 
 def test_dpo_hand_worked():

@@ -5,11 +5,11 @@ import sys
 
 import pytest
 
-from reprpo.memory import keep_freed_memory
+from reprpo.model.memory import keep_freed_memory
 
 PROBE = r"""
 import sys, torch
-from reprpo.memory import keep_freed_memory
+from reprpo.model.memory import keep_freed_memory
 if sys.argv[1] == "on":
     assert keep_freed_memory()
 def rss_mb():

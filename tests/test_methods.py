@@ -6,10 +6,10 @@ import pandas as pd
 import pytest
 import torch
 
-from reprpo.capture import capture, capture_points, parse_layers, pool
+from reprpo.model.capture import capture, capture_points, parse_layers, pool
 from reprpo.config import RunConfig, apply_overrides
 from reprpo.errors import ConfigError
-from reprpo.methods import preset_names, preset_overrides
+from reprpo.methods.presets import preset_names, preset_overrides
 
 
 def _cfg(tmp_path, method, **over):
@@ -48,7 +48,7 @@ def test_every_preset_trains_3_steps(method, tiny, batches, tmp_path):
     is the method's value at initialisation, and every loss and gradient is finite."""
     import copy
 
-    from reprpo.methods import build_method
+    from reprpo.methods.presets import build_method
     from reprpo.train import make_lora
 
     model0, tok = tiny
@@ -124,7 +124,7 @@ def test_side_channels_honour_layer_selection(tiny):
 def test_capture_in_adapter_disabled_pass_and_hooks_removed_on_error(tiny):
     import copy
 
-    from reprpo.forward import adapter_disabled
+    from reprpo.model.forward import adapter_disabled
     from reprpo.train import make_lora
 
     model, _ = tiny

@@ -2,7 +2,7 @@ import importlib.metadata
 
 import pytest
 
-from reprpo import models
+from reprpo.model import loading as models
 from reprpo.errors import ModelError
 
 

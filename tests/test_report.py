@@ -24,7 +24,7 @@ import sqlite3
 
 import pytest
 
-from reprpo.store import SCHEMA
+from reprpo.experiments.store import SCHEMA
 
 PV = "hs-none-prefvec"
 # (shift, split, method) -> adapter accuracy per seed 1..3; base accuracy per (shift, split)
@@ -83,7 +83,7 @@ def store(tmp_path):
 
 
 def test_load_frames_keeps_done_runs_only(store):
-    from reprpo.report import load_frames
+    from reprpo.experiments.report import load_frames
 
     f = load_frames(store)
     assert len(f["runs"]) == 11 and set(f["runs"].status) == {"done"}
@@ -93,7 +93,7 @@ def test_load_frames_keeps_done_runs_only(store):
 
 
 def test_summary_table_matches_hand_worked_numbers(store):
-    from reprpo.report import load_frames, summary_table, transfer_table
+    from reprpo.experiments.report import load_frames, summary_table, transfer_table
 
     f = load_frames(store)
     s = summary_table(f).set_index(["shift", "split", "method"])
@@ -111,7 +111,7 @@ def test_summary_table_matches_hand_worked_numbers(store):
 
 
 def test_render_report_writes_markdown_html_and_pngs(store, tmp_path):
-    from reprpo.report import render_report
+    from reprpo.experiments.report import render_report
 
     out = tmp_path / "rep"
     md = render_report(store, out)
@@ -149,7 +149,7 @@ def test_report_missing_store_is_a_clear_error(tmp_path, capsys):
 def test_report_flags_params_tuned_on_a_reported_shift(store, tmp_path):
     """If the store records where a run's params were tuned (`runs.validated_on`), a run reported
     on that very shift is flagged (DESIGN §6: tuning on a validation shift never reported)."""
-    from reprpo.report import render_report
+    from reprpo.experiments.report import render_report
 
     con = sqlite3.connect(store)
     con.execute("ALTER TABLE runs ADD COLUMN validated_on TEXT")

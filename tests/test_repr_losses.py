@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 
-from reprpo.repr_losses import (
+from reprpo.methods.repr_losses import (
     REPR_LOSSES,
     PooledActs,
     innerdpo_term,
@@ -164,7 +164,7 @@ def test_prefvec_is_ln2_at_init_and_pushes_p_up():
 def test_smoothed_drift_has_no_random_kick_at_init():
     """õ = sqrt(o² + ε²) - ε: 0 and flat at o = 0, so rounding noise in δ_θ ⟂ u gives no
     gradient; o itself (the metric) stays exact."""
-    from reprpo.repr_losses import smooth_o
+    from reprpo.methods.repr_losses import smooth_o
 
     assert float(smooth_o(torch.tensor(0.0))) == 0.0
     o = torch.tensor(1e-7, requires_grad=True)

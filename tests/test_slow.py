@@ -11,7 +11,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_smollm2_loads_from_wheel():
-    from reprpo.models import (
+    from reprpo.model.loading import (
         DEFAULT_MODEL,
         load_model_and_tokenizer,
         resolve_model,
@@ -27,7 +27,7 @@ def test_smollm2_loads_from_wheel():
 
 def test_smollm2_dpo_4_steps_on_genies(genies_dir, tmp_path):
     """4 DPO steps on 16 GENIES pairs: finite loss, ln 2 at step 1, and the train-split margin grows."""
-    from reprpo.evaluate import evaluate_run
+    from reprpo.eval.scoring import evaluate_run
     from reprpo.train import train
 
     src = str(genies_dir / "us_history_textbook" / "train.json")
@@ -50,7 +50,7 @@ def test_smollm2_dpo_4_steps_on_genies(genies_dir, tmp_path):
 def test_smollm2_methods_4_steps(method, genies_dir, tmp_path):
     """A representation preset and a gradient preset train 4 steps on SmolLM2: finite loss,
     the step-1 loss at its initial value (prefvec + DPO = 2 ln 2, projgrad = DPO = ln 2)."""
-    from reprpo.methods import preset_overrides
+    from reprpo.methods.presets import preset_overrides
     from reprpo.train import train
 
     src = str(genies_dir / "us_history_textbook" / "train.json")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from reprpo.config import RunConfig, apply_overrides
-from reprpo.methods import preset_overrides
+from reprpo.methods.presets import preset_overrides
 
 OFF = {"speed.share_prompt": False, "speed.ref_cache": False, "speed.response_logits": False, "speed.length_batches": False,
        "speed.share_prefix": False, "speed.keep_memory": False, "speed.share_response": False}
@@ -54,7 +54,7 @@ def test_each_speedup_leaves_losses_unchanged(method, tmp_path):
 
 
 def test_cached_reference_runs_no_reference_forward(tmp_path, monkeypatch):
-    import reprpo.methods as methods
+    import reprpo.methods.presets as methods
     from reprpo.train import train
 
     calls = {"n": 0}
@@ -83,7 +83,7 @@ def test_cached_reference_runs_no_reference_forward(tmp_path, monkeypatch):
 def test_gradient_methods_read_directions_from_the_cache(method, tmp_path, monkeypatch):
     """With the reference cache, projgrad/projbp take u_b and ℓ_ref from it: no reference pass
     in the loop (one per step without it), and the shared-prompt layout."""
-    import reprpo.gradproj as gp
+    import reprpo.methods.gradproj as gp
     from reprpo.train import train
 
     calls = {"n": 0}
@@ -102,7 +102,7 @@ def test_gradient_methods_read_directions_from_the_cache(method, tmp_path, monke
 
 
 def test_cache_is_reused_and_validated(tiny, tmp_path, monkeypatch):
-    import reprpo.refcache as rc
+    import reprpo.model.refcache as rc
     from reprpo.data.pairs import PreferencePair
     from reprpo.data.tokenize import tokenize_pairs
 
@@ -147,7 +147,7 @@ def test_cache_is_reused_and_validated(tiny, tmp_path, monkeypatch):
 def test_cached_base_scores_equal_direct_scores(tiny, tmp_path, monkeypatch):
     from reprpo.data.pairs import PreferencePair
     from reprpo.data.tokenize import tokenize_pairs
-    from reprpo.evaluate import base_scores_cached, score_pairs
+    from reprpo.eval.scoring import base_scores_cached, score_pairs
 
     monkeypatch.setenv("REPRPO_CACHE", str(tmp_path / "c"))
     model, tok = tiny

@@ -44,7 +44,7 @@ def test_steps_change_every_lora_tensor_and_no_base_tensor(tiny):
 
     from reprpo.data.pairs import PreferencePair
     from reprpo.data.tokenize import collate_pairs, tokenize_pairs
-    from reprpo.methods import build_method
+    from reprpo.methods.presets import build_method
     from reprpo.train import make_lora
 
     model0, tok = tiny

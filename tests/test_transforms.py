@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from reprpo.errors import ConfigError
-from reprpo.transforms import (
+from reprpo.methods.transforms import (
     TRANSFORMS,
     PCATransform,
     Transform,

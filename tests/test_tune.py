@@ -8,7 +8,7 @@ import yaml
 
 from reprpo.cli import main
 from reprpo.errors import ConfigError
-from reprpo.tune import check_not_reported, read_params, search_space, trial_config, write_params
+from reprpo.experiments.tune import check_not_reported, read_params, search_space, trial_config, write_params
 
 
 def test_search_space_per_family():
@@ -71,7 +71,7 @@ def test_tune_refuses_data_that_replaces_the_validation_shift(tmp_path, capsys):
 
 def test_compare_refuses_params_tuned_on_a_reported_shift(tmp_path, capsys):
     from reprpo.cli import main
-    from reprpo.tune import write_params
+    from reprpo.experiments.tune import write_params
 
     f = tmp_path / "best.yaml"
     write_params(f, {"train.lr": 1e-4}, meta={"validated_on": "builtin:encoding"})

@@ -23,7 +23,7 @@ from reprpo.errors import ReprpoError
 
 def build_config(args, *, base: RunConfig | None = None) -> RunConfig:
     """Defaults < the method preset's defaults < YAML file < command-line options."""
-    from reprpo.methods import preset_overrides
+    from reprpo.methods.presets import preset_overrides
 
     cfg = base or RunConfig()
     yaml_values = load_yaml(args.config) if getattr(args, "config", None) else {}
@@ -41,7 +41,7 @@ def build_config(args, *, base: RunConfig | None = None) -> RunConfig:
 
 
 def cmd_train(args) -> int:
-    from reprpo.evaluate import evaluate_run, markdown_table
+    from reprpo.eval.scoring import evaluate_run, markdown_table
     from reprpo.train import train
 
     cfg = build_config(args)
@@ -56,7 +56,7 @@ def cmd_train(args) -> int:
 
 def cmd_eval(args) -> int:
     from reprpo.config import from_dict
-    from reprpo.evaluate import evaluate_run, markdown_table
+    from reprpo.eval.scoring import evaluate_run, markdown_table
 
     base = None
     if args.run:
@@ -83,7 +83,7 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_shifts(args) -> int:
-    from reprpo.shifts import list_shifts
+    from reprpo.data.shifts import list_shifts
 
     src = args.source
     rows = list_shifts(src)
@@ -100,7 +100,7 @@ def cmd_shifts(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from reprpo.report import render_report
+    from reprpo.experiments.report import render_report
 
     out = Path(args.out) if args.out else Path(args.store).parent / "report"
     print(render_report(args.store, out))
@@ -109,7 +109,7 @@ def cmd_report(args) -> int:
 
 
 def cmd_tune(args) -> int:
-    from reprpo.tune import run_tune
+    from reprpo.experiments.tune import run_tune
 
     base: dict = {}
     if args.config:  # nested YAML sections -> dotted keys
@@ -123,8 +123,8 @@ def cmd_tune(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from reprpo import store
-    from reprpo.compare import load_params, run_grid, split_list
+    from reprpo.experiments import store
+    from reprpo.experiments.compare import load_params, run_grid, split_list
 
     base = build_config(args, base=RunConfig())  # YAML, then --section.field options
     shortcuts = {"data.n_train": args.n_train, "data.n_eval": args.n_eval, "train.max_steps": args.steps}
@@ -135,7 +135,7 @@ def cmd_compare(args) -> int:
         seeds = [int(s) for s in split_list(args.seeds)]
     except ValueError as e:
         raise ReprpoError(f"--seeds {args.seeds!r}: expected comma-separated integers, e.g. 1,2,3.") from e
-    from reprpo.tune import check_not_reported
+    from reprpo.experiments.tune import check_not_reported
 
     for item in args.params or []:  # tuned params must come from a shift that is not reported
         check_not_reported(item.split("=", 1)[-1].strip(), split_list(args.shifts))
@@ -143,7 +143,7 @@ def cmd_compare(args) -> int:
                    store_path=store_path, out_root=out, overrides=load_params(args.params or []),
                    fail_fast=args.fail_fast)
     try:
-        from reprpo.report import render_report
+        from reprpo.experiments.report import render_report
     except ImportError:
         render_report = None
     if args.no_report:
@@ -165,7 +165,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="reprpo", description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
 
-    from reprpo.methods import GRAD_METHODS, OUTPUT_METHODS, preset_names
+    from reprpo.methods.presets import GRAD_METHODS, OUTPUT_METHODS, preset_names
 
     presets = preset_names()
     repr_presets = [n for n in presets if n not in OUTPUT_METHODS + GRAD_METHODS]

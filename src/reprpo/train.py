@@ -14,17 +14,17 @@ from pathlib import Path
 
 import torch
 
-from reprpo import forward
+from reprpo.model import forward
 from reprpo.config import RunConfig, save_yaml
 from reprpo.data.prepare import prepare
 from reprpo.data.tokenize import collate, set_header
 from reprpo.errors import ConfigError
-from reprpo.gradproj import lora_modules
-from reprpo.memory import keep_freed_memory
-from reprpo.methods import build_method
-from reprpo.models import load_model_and_tokenizer
-from reprpo.refcache import build_ref_cache
-from reprpo.shifts import data_sources
+from reprpo.methods.gradproj import lora_modules
+from reprpo.model.memory import keep_freed_memory
+from reprpo.methods.presets import build_method
+from reprpo.model.loading import load_model_and_tokenizer
+from reprpo.model.refcache import build_ref_cache
+from reprpo.data.shifts import data_sources
 
 
 def default_out(cfg: RunConfig) -> Path:

@@ -10,7 +10,7 @@ from reprpo.config import RunConfig
 def inspect_source(source: str, cfg: RunConfig) -> str:
     from reprpo.data.readers import load_pairs
     from reprpo.data.tokenize import format_prompt, tokenize_pairs
-    from reprpo.models import load_tokenizer
+    from reprpo.model.loading import load_tokenizer
 
     tok = load_tokenizer(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code)
     pairs, rep = load_pairs(source, pairing=cfg.data.pairing, strict=cfg.data.strict, tokenizer=tok)

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-from reprpo.capture import CapturePoint, capture, pool
+from reprpo.model.capture import CapturePoint, capture, pool
 from reprpo.data.tokenize import PairBatch, TokenizedPair, collate, set_header
-from reprpo.forward import SeqLogps, adapter_disabled, base_model, sequence_logps
+from reprpo.model.forward import SeqLogps, adapter_disabled, base_model, sequence_logps
 
 
 @dataclass
@@ -81,7 +81,7 @@ def data_fingerprint(pairs: list[TokenizedPair]) -> str:
 
 
 def cache_root() -> Path:
-    from reprpo.models import cache_dir
+    from reprpo.model.loading import cache_dir
 
     return cache_dir() / "ref"
 
@@ -106,7 +106,7 @@ def build_ref_cache(
     """Reference log-probs (and pooled activations at `points`, and projgrad/projbp directions
     at the `directions` modules, name -> LoRA-wrapped module) of every pair, from disk when a
     cache with the same fingerprint exists, else computed (adapter off) and saved."""
-    from reprpo.gradproj import directions_from_pooled
+    from reprpo.methods.gradproj import directions_from_pooled
 
     points = points or []
     directions = directions or {}

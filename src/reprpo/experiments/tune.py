@@ -28,7 +28,7 @@ import yaml
 
 from reprpo.config import RunConfig, apply_overrides
 from reprpo.errors import ConfigError
-from reprpo.methods import GRAD_METHODS, OUTPUT_METHODS, preset_overrides
+from reprpo.methods.presets import GRAD_METHODS, OUTPUT_METHODS, preset_overrides
 
 # --------------------------------------------------------------------------- search spaces
 # (kind, low, high) for "log" (log-uniform) / "float" (uniform); ("cat", choices) for categorical.
@@ -128,7 +128,7 @@ class _Scorer:
 
     def _pairs(self, cfg: RunConfig, tok, split: str):
         from reprpo.data.prepare import prepare
-        from reprpo.shifts import data_sources
+        from reprpo.data.shifts import data_sources
 
         d = cfg.data
         key = (cfg.model.name, d.shift, split, d.n_eval, d.max_length, d.max_prompt_length, d.pairing, d.chat_template, d.append_eos)
@@ -139,9 +139,9 @@ class _Scorer:
 
     def gain(self, model, tok, cfg: RunConfig, split: str) -> dict[str, float]:
         """{'base': acc, 'adapter': acc, 'delta_pp': Δ} on one split."""
-        from reprpo.evaluate import score_pairs, scoring_setup, summarize
-        from reprpo.forward import adapter_disabled
-        from reprpo.stats import delta_pp
+        from reprpo.eval.scoring import score_pairs, scoring_setup, summarize
+        from reprpo.model.forward import adapter_disabled
+        from reprpo.eval.stats import delta_pp
 
         key, pairs = self._pairs(cfg, tok, split)
         kw = scoring_setup(cfg, model, device_type=next(model.parameters()).device.type)  # evaluate_run's layout and batch size
@@ -182,7 +182,7 @@ def run_tune(method: str, *, shift: str, trials: int, base: dict[str, Any] | Non
     import optuna
     import torch
 
-    from reprpo.models import load_model_and_tokenizer
+    from reprpo.model.loading import load_model_and_tokenizer
     from reprpo.train import train
 
     base = dict(base or {})
@@ -198,7 +198,7 @@ def run_tune(method: str, *, shift: str, trials: int, base: dict[str, Any] | Non
     base["data.shift"] = shift
     space = search_space(method)
     trial_config(method, base, {}, out=Path(out))  # fail on a bad base option before any trial
-    from reprpo.shifts import resolve_shift
+    from reprpo.data.shifts import resolve_shift
 
     resolve_shift(shift)
 

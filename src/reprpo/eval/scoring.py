@@ -16,9 +16,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from reprpo import forward
+from reprpo.model import forward
 from reprpo.data.tokenize import TokenizedPair, collate, set_header
-from reprpo.forward import adapter_disabled, sequence_logps
+from reprpo.model.forward import adapter_disabled, sequence_logps
 
 
 @torch.no_grad()
@@ -118,7 +118,7 @@ def summarize(df: pd.DataFrame) -> dict[str, float]:
 def base_scores_cached(model, pairs: list[TokenizedPair], *, pad_id: int, batch_size: int, packed: bool, share_prefix: bool = False,
                        share_response: bool = False, chunk: int = 2048) -> pd.DataFrame:
     """Base-model scores from the offline reference cache (computed once per model x data)."""
-    from reprpo.refcache import build_ref_cache
+    from reprpo.model.refcache import build_ref_cache
 
     c = build_ref_cache(model, pairs, pad_id=pad_id, packed=packed, share_prefix=share_prefix, share_response=share_response,
                         batch_size=batch_size, chunk=chunk)
@@ -197,7 +197,7 @@ def scoring_setup(cfg, model, *, device_type: str) -> dict:
     ask for (layout, batch size, chunk); also selects the scoring attention kernel. One rule for
     `evaluate_run` and `tune`; the layout is train()'s, so a training reference cache of the
     same data is reused."""
-    from reprpo import forward
+    from reprpo.model import forward
 
     sp = cfg.speed
     forward.PACKED_ATTENTION["impl"] = forward.resolve_packed_attention(sp.packed_attention, training=False, device_type=device_type)
@@ -211,9 +211,9 @@ def evaluate_run(cfg, *, adapter_dir: str | Path | None, out: Path) -> tuple[pd.
     """Load the base model (+ the adapter in `adapter_dir`), prepare the config's eval splits,
     score them and write summary.{md,csv} and per-pair scores to `out`."""
     from reprpo.data.prepare import prepare
-    from reprpo.memory import keep_freed_memory
-    from reprpo.models import load_model_and_tokenizer
-    from reprpo.shifts import data_sources
+    from reprpo.model.memory import keep_freed_memory
+    from reprpo.model.loading import load_model_and_tokenizer
+    from reprpo.data.shifts import data_sources
 
     if cfg.speed.keep_memory:
         keep_freed_memory()

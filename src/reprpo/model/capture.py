@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from reprpo.errors import ConfigError
-from reprpo.forward import base_model
+from reprpo.model.forward import base_model
 
 
 def decoder_layers(model) -> nn.ModuleList:

@@ -5,7 +5,7 @@ model, sizes, ...) < per-method overrides (`--params METHOD=FILE.yaml`, e.g. fro
 `reprpo tune`) < data.shift, train.seed, train.method, out. Its run_id is a hash of that
 config minus output-only keys, so the same settings always give the same id and a rerun
 skips what is done; a run left 'running' by a killed process or 'failed' is redone.
-Several processes may run grids into one store at once (see `reprpo.store`).
+Several processes may run grids into one store at once (see `reprpo.experiments.store`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from reprpo import store
+from reprpo.experiments import store
 from reprpo.config import SECTIONS, RunConfig, apply_overrides, load_yaml, to_dict
 from reprpo.errors import ConfigError
 
@@ -76,7 +76,7 @@ def load_params(items: list[str]) -> dict[str, dict[str, Any]]:
 def build_run_config(*, method: str, shift: str, seed: int, base: RunConfig, out_root: str | Path,
                      overrides: dict[str, Any] | None = None) -> RunConfig:
     """Defaults < preset(method) < base settings < overrides < shift / seed / method / out."""
-    from reprpo.methods import preset_overrides
+    from reprpo.methods.presets import preset_overrides
 
     cfg = RunConfig()
     apply_overrides(cfg, preset_overrides(method), where=f"preset {method}")
@@ -127,8 +127,8 @@ def execute_run(cfg: RunConfig, con, *, run_id: str, owner: str):
     transaction). Scoring happens here, once (train() itself never evaluates).
 
     Returns (written: False if another process took the run over meanwhile, summary table)."""
-    from reprpo.coherence import run_coherence
-    from reprpo.evaluate import evaluate_run
+    from reprpo.eval.coherence import run_coherence
+    from reprpo.eval.scoring import evaluate_run
     from reprpo.train import train
 
     out = Path(cfg.out)
@@ -171,7 +171,7 @@ def run_grid(*, methods: list[str], shifts: list[str], seeds: list[int], base: R
     unknown = sorted(set(overrides) - set(methods))
     if unknown:
         raise ConfigError(f"--params given for {', '.join(unknown)}, which is not in --methods ({', '.join(methods)}).")
-    from reprpo.shifts import resolve_shift
+    from reprpo.data.shifts import resolve_shift
 
     shifts = [shift_spec(s) for s in shifts]
     for s in shifts:

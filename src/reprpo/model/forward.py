@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from reprpo import blocked_attention
+from reprpo.model import blocked_attention
 from reprpo.data.tokenize import PairBatch
 
 

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from reprpo.errors import ReprpoError
-from reprpo.stats import Paired, delta_pp, fmt_ci, geo_mean_ci, mean_ci, paired_diff, transfer
+from reprpo.eval.stats import Paired, delta_pp, fmt_ci, geo_mean_ci, mean_ci, paired_diff, transfer
 
 REFERENCE = "dpo"  # the baseline every method is paired against
 SPLIT_ORDER = ("train", "test", "oos", "rnd")
@@ -44,7 +44,7 @@ def load_frames(store_path: str | Path) -> dict[str, pd.DataFrame]:
     Keys: runs, split_scores, curves, coherence; plus `status` (count of every run per status)
     and `superseded` (older done runs of the same method, shift and seed, left out: the newest
     finished one is used). Extra columns another writer adds (e.g. `owner`) are kept."""
-    from reprpo.store import connect
+    from reprpo.experiments.store import connect
 
     p = Path(store_path)
     if not p.is_file():

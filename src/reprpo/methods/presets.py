@@ -15,7 +15,7 @@ from contextlib import contextmanager, nullcontext
 import torch
 from torch import nn
 
-from reprpo.capture import (
+from reprpo.model.capture import (
     CapturePoint,
     capture,
     capture_points,
@@ -27,9 +27,9 @@ from reprpo.capture import (
 from reprpo.config import RunConfig
 from reprpo.data.tokenize import PairBatch, TokenizedPair, collate
 from reprpo.errors import ConfigError
-from reprpo.forward import adapter_disabled, base_model, run_decoder, sequence_logps
-from reprpo.losses import cdpo_loss, dpo_loss, hinge_loss, ipo_loss, simpo_loss
-from reprpo.refcache import RefCache, RefOut
+from reprpo.model.forward import adapter_disabled, base_model, run_decoder, sequence_logps
+from reprpo.methods.losses import cdpo_loss, dpo_loss, hinge_loss, ipo_loss, simpo_loss
+from reprpo.model.refcache import RefCache, RefOut
 
 OUTPUT_METHODS = ("dpo", "ipo", "cdpo", "hinge", "simpo")
 GRAD_METHODS = ("projgrad", "projbp")
@@ -128,13 +128,13 @@ class GradMethod(OutputMethod):
     def supports_packing(self) -> bool:
         """The shared-prompt layout gives the padded result when the projection is linear in g:
         always for projgrad; for projbp unless leaky s or renorm (gradproj.projbp_needs_padded)."""
-        from reprpo.gradproj import projbp_needs_padded
+        from reprpo.methods.gradproj import projbp_needs_padded
 
         return self.name == "projgrad" or not projbp_needs_padded(self.mc.projbp_rectify, self.mc.projbp_renorm)
 
     @contextmanager
     def step(self, model, batch: PairBatch, *, ref: RefOut | None = None):
-        from reprpo.gradproj import projbp, projgrad, reference_directions
+        from reprpo.methods.gradproj import projbp, projgrad, reference_directions
 
         if ref is not None and ref.dirs:
             dirs, self._ref = ref.dirs, ref.logps
@@ -168,7 +168,7 @@ class ReprMethod(nn.Module):
 
     def __init__(self, cfg: RunConfig, model):
         super().__init__()
-        from reprpo.repr_losses import REPR_LOSSES
+        from reprpo.methods.repr_losses import REPR_LOSSES
 
         mc = self.mc = cfg.method
         self.beta = cfg.train.beta
@@ -248,7 +248,7 @@ class ReprMethod(nn.Module):
         """Build each point's transform (width read off the reference); fit pca on the reference
         preference directions δ_ref of up to `method.pca_pairs` training pairs (from the
         reference cache when there is one, else from reference passes)."""
-        from reprpo.transforms import build_transform
+        from reprpo.methods.transforms import build_transform
 
         mc = self.mc
         fit = mc.transform == "pca"
@@ -309,7 +309,7 @@ class ReprMethod(nn.Module):
 
     # -- loss --------------------------------------------------------------------------------
     def loss(self, model, batch: PairBatch, *, ref: RefOut | None = None):
-        from reprpo.repr_losses import PooledActs
+        from reprpo.methods.repr_losses import PooledActs
 
         # log-probs ride along both passes (head at response tokens only): the DPO term needs
         # them, and every method logs the same implicit-reward columns

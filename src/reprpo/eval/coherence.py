@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 
 from reprpo.data.tokenize import format_prompt
-from reprpo.forward import adapter_disabled
+from reprpo.model.forward import adapter_disabled
 
 N_PROMPTS = 4
 MAX_NEW_TOKENS = 32
@@ -87,8 +87,8 @@ def run_coherence(cfg, *, adapter_dir, n_prompts: int = N_PROMPTS,
     from peft import PeftModel
 
     from reprpo.data.readers import load_pairs
-    from reprpo.models import load_model_and_tokenizer
-    from reprpo.shifts import data_sources
+    from reprpo.model.loading import load_model_and_tokenizer
+    from reprpo.data.shifts import data_sources
 
     model, tok = load_model_and_tokenizer(cfg.model.name, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
     model = PeftModel.from_pretrained(model, str(adapter_dir))

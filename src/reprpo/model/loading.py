@@ -110,7 +110,7 @@ def resolve_model(name: str) -> str:
         gguf = smollm2_gguf_path()
         return str(convert_gguf(gguf, cache_dir() / "models" / f"{DEFAULT_MODEL}-fp32"))
     if name == "tiny-random":
-        from reprpo.testing import build_tiny_model
+        from reprpo.model.tiny import build_tiny_model
 
         out = cache_dir() / "models" / "tiny-random"
         if not (out / "config.json").exists():

@@ -3,7 +3,7 @@
 Notation (DESIGN §3): ℓ = summed response-token log-prob; ρ = [ℓ_θ(y⁺) − ℓ_ref(y⁺)] −
 [ℓ_θ(y⁻) − ℓ_ref(y⁻)], the implicit reward margin; ℓ̄ = ℓ/|y| (per-token mean), ρ̄ the same
 margin built from ℓ̄. The output-level baselines of DESIGN §4 live here; the representation
-losses of §5 live in `reprpo.repr_losses`.
+losses of §5 live in `reprpo.methods.repr_losses`.
 """
 
 from __future__ import annotations

@@ -34,9 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from reprpo.capture import pool
+from reprpo.model.capture import pool
 from reprpo.data.tokenize import PairBatch
-from reprpo.forward import SeqLogps, adapter_disabled, base_model, sequence_logps
+from reprpo.model.forward import SeqLogps, adapter_disabled, base_model, sequence_logps
 
 RECTIFY = ("identity", "leaky")
 
