@@ -16,8 +16,8 @@ from reprpo.config import RunConfig, apply_overrides
 from reprpo.data.prepare import prepare
 from reprpo.data.tokenize import collate
 from reprpo.model.forward import attention_impl, decoder_and_head, token_logps
-from reprpo.model.memory import keep_freed_memory
 from reprpo.model.loading import load_model_and_tokenizer
+from reprpo.model.memory import keep_freed_memory
 from reprpo.train import make_lora
 
 W1 = Path(__file__).resolve().parents[2] / "shared/data/genies/us_history_textbook/train.json"

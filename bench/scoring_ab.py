@@ -28,8 +28,8 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
-    from reprpo.model import forward
     from reprpo.eval.scoring import cpu_workers, score_pairs
+    from reprpo.model import forward
     from reprpo.model.memory import keep_freed_memory
 
     keep_freed_memory()

@@ -3,10 +3,11 @@
 import pytest
 import torch
 
-from reprpo.model import blocked_attention as ba
 from reprpo.data.pairs import PreferencePair
 from reprpo.data.tokenize import collate_packed, tokenize_pairs
-from reprpo.model.forward import model_inputs, resolve_packed_attention
+from reprpo.model import blocked_attention as ba
+from reprpo.model.forward import model_inputs
+from reprpo.model.layout import resolve_packed_attention
 
 
 def _one_pair_mask() -> torch.Tensor:

@@ -9,11 +9,11 @@ import sys
 
 import pytest
 
-from reprpo.experiments import store
-from reprpo.eval.coherence import generation_check, ngram_metrics
-from reprpo.experiments.compare import build_run_config, run_grid, run_id_of, shift_spec
 from reprpo.config import RunConfig, apply_overrides
 from reprpo.errors import ConfigError
+from reprpo.eval.coherence import generation_check, ngram_metrics
+from reprpo.experiments import store
+from reprpo.experiments.compare import build_run_config, run_grid, run_id_of, shift_spec
 
 BASE = {"model.name": "tiny-random", "data.n_train": 8, "data.n_eval": 6, "train.max_steps": 2,
         "train.batch_size": 2, "train.progress": False, "method.k": 4}

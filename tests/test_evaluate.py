@@ -57,18 +57,18 @@ def test_worker_threads_score_like_one(tiny, monkeypatch):
     """workers=3 (threads sharing the model) gives the same per-pair rows, in the same order,
     as one worker, for the padded and the shared-prompt layouts; the attention kernel and
     torch's thread count are restored after; a worker's error reaches the caller."""
-    from reprpo.model import blocked_attention, evaluate, forward
+    from reprpo.data.layout import Layout
+    from reprpo.model import blocked_attention
 
     model, tok = tiny
     monkeypatch.setattr(blocked_attention, "QUERY_BLOCK", 4)
-    monkeypatch.setitem(forward.PACKED_ATTENTION, "impl", "blocks")
     head = "### Instruction: answer\n"
     pairs = [PreferencePair(head + f"Question {i}: " + "z" * (3 * i), " yes" * (i % 3 + 1), " yes no") for i in range(9)]
     tp, _ = tokenize_pairs(pairs, tok, max_length=128, max_prompt_length=64)
     kernel, threads = model.config._attn_implementation, torch.get_num_threads()
-    for lay in ({}, {"packed": True, "share_prefix": True, "share_response": True}):
-        one = score_pairs(model, tp, pad_id=tok.pad_token_id, batch_size=2, **lay)
-        many = score_pairs(model, tp, pad_id=tok.pad_token_id, batch_size=2, workers=3, **lay)
+    for lay in (Layout(), Layout(packed=True, share_prefix=True, share_response=True, attention="blocks")):
+        one = score_pairs(model, tp, pad_id=tok.pad_token_id, batch_size=2, layout=lay)
+        many = score_pairs(model, tp, pad_id=tok.pad_token_id, batch_size=2, workers=3, layout=lay)
         assert many.pair.tolist() == list(range(9))
         pd.testing.assert_frame_equal(one, many, atol=1e-6, rtol=0)
         assert model.config._attn_implementation == kernel and torch.get_num_threads() == threads
@@ -76,7 +76,9 @@ def test_worker_threads_score_like_one(tiny, monkeypatch):
     def broken(*a, **k):
         raise RuntimeError("worker failed")
 
-    monkeypatch.setattr(evaluate, "sequence_logps", broken)
+    from reprpo.methods import scorers
+
+    monkeypatch.setattr(scorers, "sequence_logps", broken)
     with pytest.raises(RuntimeError, match="worker failed"):
         score_pairs(model, tp, pad_id=tok.pad_token_id, batch_size=2, workers=3)
     assert torch.get_num_threads() == threads

@@ -1,8 +1,9 @@
 import torch
 
-from reprpo.model import blocked_attention
+from reprpo.data.layout import Layout
 from reprpo.data.pairs import PreferencePair
 from reprpo.data.tokenize import collate_pairs, tokenize_pairs
+from reprpo.model import blocked_attention
 from reprpo.model.forward import sequence_logps, token_logps
 
 
@@ -166,7 +167,7 @@ def test_scoring_encodes_a_set_wide_header_once(tiny):
     try:
         for bs in (1, 2):
             calls.clear()
-            got = score_pairs(model, tp, pad_id=tok.pad_token_id, batch_size=bs, packed=True, share_prefix=True)
+            got = score_pairs(model, tp, pad_id=tok.pad_token_id, batch_size=bs, layout=Layout(packed=True, share_prefix=True))
             n_batches = -(-len(tp) // bs)
             assert len(calls) == n_batches + 1 and calls[0][1] >= 24  # the header, then one call per batch
             for col in ("chosen_logp_sum", "rejected_logp_sum"):
@@ -199,7 +200,7 @@ def test_a_header_lost_by_left_cut_prompts_still_serves_the_others(tiny):
     calls = []
     emb = model.get_input_embeddings().register_forward_hook(lambda m, i, o: calls.append(o.shape[1]))
     try:
-        got = score_pairs(model, tp, pad_id=tok.pad_token_id, batch_size=1, packed=True, share_prefix=True)
+        got = score_pairs(model, tp, pad_id=tok.pad_token_id, batch_size=1, layout=Layout(packed=True, share_prefix=True))
     finally:
         emb.remove()
     assert calls.count(h) == 1 and len(calls) == 5  # the header once, then one call per pair
@@ -227,8 +228,8 @@ def test_shared_response_tokens_equal_padded(tiny, monkeypatch):
     monkeypatch.setattr(blocked_attention, "QUERY_BLOCK", 4)  # several query blocks per row
     import copy
 
-    from reprpo.model.capture import capture, capture_points, pool
     from reprpo.data.tokenize import collate_packed, response_common_len
+    from reprpo.model.capture import capture, capture_points, pool
 
     model, tok = tiny
     for eos in (True, False):

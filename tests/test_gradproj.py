@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from reprpo.config import RunConfig, apply_overrides
+from reprpo.data.layout import Layout
 from reprpo.data.pairs import PreferencePair
 from reprpo.data.tokenize import collate_pairs, tokenize_pairs
-from reprpo.model.forward import adapter_disabled, sequence_logps
 from reprpo.methods.gradproj import (
     lora_modules,
     projbp,
@@ -21,6 +21,7 @@ from reprpo.methods.gradproj import (
     rewrite_grad_output,
 )
 from reprpo.methods.losses import dpo_loss
+from reprpo.model.forward import adapter_disabled, sequence_logps
 from reprpo.train import make_lora
 
 TEXTS = [
@@ -349,15 +350,15 @@ def test_cached_directions_equal_online_ones(lora, tmp_path, monkeypatch):
     model, tok = lora
     pairs = tokenize_pairs([PreferencePair(*t) for t in TEXTS], tok, max_length=64, max_prompt_length=32)[0]
     for packed in (False, True):
-        cache = build_ref_cache(model, pairs, pad_id=tok.pad_token_id, packed=packed, batch_size=3,
+        cache = build_ref_cache(model, pairs, pad_id=tok.pad_token_id, layout=Layout(packed=packed), batch_size=3,
                                 directions=lora_modules(model))
         with monkeypatch.context() as mp:
             mp.setattr(rc, "sequence_logps", lambda *a, **k: (_ for _ in ()).throw(AssertionError("recomputed")))
-            again = build_ref_cache(model, pairs, pad_id=tok.pad_token_id, packed=packed, batch_size=3,
+            again = build_ref_cache(model, pairs, pad_id=tok.pad_token_id, layout=Layout(packed=packed), batch_size=3,
                                     directions=lora_modules(model))
             assert all(torch.equal(again.dirs[n], cache.dirs[n]) for n in cache.dirs)
             with pytest.raises(AssertionError, match="recomputed"):
-                build_ref_cache(model, pairs, pad_id=tok.pad_token_id, packed=packed, batch_size=3,
+                build_ref_cache(model, pairs, pad_id=tok.pad_token_id, layout=Layout(packed=packed), batch_size=3,
                                 directions={TOP: lora_modules(model)[TOP]})
         assert set(cache.dirs) == set(lora_modules(model)) and cache.dirs[TOP].shape[0] == 4
         batch = collate([pairs[i] for i in (3, 1)], pad_id=tok.pad_token_id, packed=packed)
@@ -373,6 +374,7 @@ def test_method_with_cached_directions_and_shared_layout_gives_the_padded_gradie
     """GradMethod as train() runs it: directions and ℓ_ref from the reference cache, the
     shared-prompt layout with shared response tokens -> the gradients of the padded layout with
     an online reference pass."""
+    from reprpo.data.layout import Layout
     from reprpo.data.tokenize import collate
     from reprpo.methods.presets import build_method
     from reprpo.model.refcache import build_ref_cache
@@ -381,16 +383,16 @@ def test_method_with_cached_directions_and_shared_layout_gives_the_padded_gradie
     model, tok = lora
     cfg = apply_overrides(RunConfig(), {"train.method": name, "method.proj_beta": 0.2}, where="t")
     method = build_method(cfg, model)
-    assert method.supports_packing and not method.supports_prefix and method.cache_dirs
+    assert method.packing and not method.prefix and method.reference.directions
     pairs = tokenize_pairs([PreferencePair(*t) for t in TEXTS], tok, max_length=64, max_prompt_length=32)[0]
     lay = {"packed": True, "share_response": True}
-    cache = build_ref_cache(model, pairs, pad_id=tok.pad_token_id, batch_size=3, directions=lora_modules(model), **lay)
+    cache = build_ref_cache(model, pairs, pad_id=tok.pad_token_id, batch_size=3, directions=lora_modules(model), layout=Layout(**lay))
 
     def grads(batch, ref):
         model.zero_grad(set_to_none=True)
-        with method.step(model, batch, ref=ref):
+        with method.step(model, batch, ref=ref) as ref:
             loss, _ = method.loss(model, batch, ref=ref)
-            loss.backward()
+            loss.mean().backward()
         return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
     sel = [pairs[i] for i in (2, 0, 3)]
@@ -400,4 +402,4 @@ def test_method_with_cached_directions_and_shared_layout_gives_the_padded_gradie
     want = _grads(model, [collate(sel, pad_id=tok.pad_token_id, packed=False)], direct)
     _assert_close(grads(shared, cache.lookup(shared)), want, tol=1e-4)
     leaky = build_method(apply_overrides(cfg, {"method.projbp_rectify": "leaky"}, where="t"), model)
-    assert leaky.supports_packing == (name == "projgrad")
+    assert leaky.packing == (name == "projgrad")

@@ -2,8 +2,8 @@ import importlib.metadata
 
 import pytest
 
-from reprpo.model import loading as models
 from reprpo.errors import ModelError
+from reprpo.model import loading as models
 
 
 def test_missing_local_path_is_clear(tmp_path):

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from reprpo.config import RunConfig, apply_overrides
+from reprpo.data.layout import Layout
 from reprpo.methods.presets import preset_overrides
 
 OFF = {"speed.share_prompt": False, "speed.ref_cache": False, "speed.response_logits": False, "speed.length_batches": False,
@@ -54,7 +55,7 @@ def test_each_speedup_leaves_losses_unchanged(method, tmp_path):
 
 
 def test_cached_reference_runs_no_reference_forward(tmp_path, monkeypatch):
-    import reprpo.methods.presets as methods
+    import reprpo.methods.representation as methods
     from reprpo.train import train
 
     calls = {"n": 0}
@@ -110,7 +111,7 @@ def test_cache_is_reused_and_validated(tiny, tmp_path, monkeypatch):
     model, tok = tiny
     pairs = [PreferencePair(f"q{i}?", f" yes {i}", f" no {i}") for i in range(5)]
     tp, _ = tokenize_pairs(pairs, tok, max_length=32, max_prompt_length=16)
-    a = rc.build_ref_cache(model, tp, pad_id=tok.pad_token_id, packed=True)
+    a = rc.build_ref_cache(model, tp, pad_id=tok.pad_token_id, layout=Layout(packed=True))
     files = list((tmp_path / "c" / "ref").glob("*.pt"))
     assert len(files) == 1
 
@@ -118,20 +119,20 @@ def test_cache_is_reused_and_validated(tiny, tmp_path, monkeypatch):
         raise AssertionError("recomputed although a valid cache exists")
 
     monkeypatch.setattr(rc, "sequence_logps", boom)
-    b = rc.build_ref_cache(model, tp, pad_id=tok.pad_token_id, packed=True)
+    b = rc.build_ref_cache(model, tp, pad_id=tok.pad_token_id, layout=Layout(packed=True))
     assert torch.equal(a.logp_sum, b.logp_sum)
     # different data -> different fingerprint -> recomputed (boom proves it is not reused)
     with pytest.raises(AssertionError, match="recomputed"):
-        rc.build_ref_cache(model, tp[:3], pad_id=tok.pad_token_id, packed=True)
+        rc.build_ref_cache(model, tp[:3], pad_id=tok.pad_token_id, layout=Layout(packed=True))
     # a file whose content does not match its name is not trusted
     d = torch.load(files[0], weights_only=True)
     d["fingerprint"] = "something-else"
     torch.save(d, files[0])
     with pytest.raises(AssertionError, match="recomputed"):
-        rc.build_ref_cache(model, tp, pad_id=tok.pad_token_id, packed=True)
+        rc.build_ref_cache(model, tp, pad_id=tok.pad_token_id, layout=Layout(packed=True))
     files[0].write_bytes(b"garbage")
     with pytest.raises(AssertionError, match="recomputed"):
-        rc.build_ref_cache(model, tp, pad_id=tok.pad_token_id, packed=True)
+        rc.build_ref_cache(model, tp, pad_id=tok.pad_token_id, layout=Layout(packed=True))
     # changed weights -> different fingerprint
     monkeypatch.undo()
     monkeypatch.setenv("REPRPO_CACHE", str(tmp_path / "c"))
@@ -153,7 +154,7 @@ def test_cached_base_scores_equal_direct_scores(tiny, tmp_path, monkeypatch):
     model, tok = tiny
     pairs = [PreferencePair("p" * (i + 1), " a" * (i + 1), " b") for i in range(6)]
     tp, _ = tokenize_pairs(pairs, tok, max_length=64, max_prompt_length=32)
-    x = base_scores_cached(model, tp, pad_id=tok.pad_token_id, batch_size=4, packed=True)
+    x = base_scores_cached(model, tp, pad_id=tok.pad_token_id, batch_size=4, layout=Layout(packed=True))
     y = score_pairs(model, tp, pad_id=tok.pad_token_id, batch_size=1)
     assert (x.margin - y.margin).abs().max() < 1e-4 and (x.correct == y.correct).all()
 

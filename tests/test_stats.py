@@ -6,7 +6,15 @@ import math
 
 import pytest
 
-from reprpo.eval.stats import delta_pp, fmt_ci, geo_mean_ci, mean_ci, paired_diff, t_quantile, transfer
+from reprpo.eval.stats import (
+    delta_pp,
+    fmt_ci,
+    geo_mean_ci,
+    mean_ci,
+    paired_diff,
+    t_quantile,
+    transfer,
+)
 
 
 def test_delta_is_percentage_points_not_a_ratio():

@@ -59,7 +59,7 @@ def test_steps_change_every_lora_tensor_and_no_base_tensor(tiny):
     method = build_method(cfg, model)
     for _ in range(3):
         loss, _ = method.loss(model, batch)
-        loss.backward()
+        loss.mean().backward()
         opt.step()
         opt.zero_grad()
     lora = [n for n, _ in model.named_parameters() if "lora_" in n]

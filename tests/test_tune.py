@@ -8,7 +8,13 @@ import yaml
 
 from reprpo.cli import main
 from reprpo.errors import ConfigError
-from reprpo.experiments.tune import check_not_reported, read_params, search_space, trial_config, write_params
+from reprpo.experiments.tune import (
+    check_not_reported,
+    read_params,
+    search_space,
+    trial_config,
+    write_params,
+)
 
 
 def test_search_space_per_family():

@@ -22,22 +22,15 @@ from reprpo.errors import ReprpoError
 
 
 def build_config(args, *, base: RunConfig | None = None) -> RunConfig:
-    """Defaults < the method preset's defaults < YAML file < command-line options."""
-    from reprpo.methods.presets import preset_overrides
+    """Defaults < the method preset's values < YAML file < command-line options (resolve_config);
+    with `base` (a saved run's config) only the YAML and options go on top."""
+    from reprpo.methods import resolve_config
 
-    cfg = base or RunConfig()
     yaml_values = load_yaml(args.config) if getattr(args, "config", None) else {}
     over = overrides_from_args(args)
-    if base is None:
-        method = getattr(args, "method", None) or over.get("train.method") or yaml_values.get("train", {}).get("method") or cfg.train.method
-        apply_overrides(cfg, preset_overrides(str(method)), where=f"preset {method}")
-    if yaml_values:
-        apply_overrides(cfg, yaml_values, where=str(args.config))
     if getattr(args, "out", None):
         over["out"] = args.out
-    if getattr(args, "method", None):
-        over["train.method"] = args.method
-    return apply_overrides(cfg, over, where="command line")
+    return resolve_config((str(args.config), yaml_values), ("command line", over), method=getattr(args, "method", None), base=base)
 
 
 def cmd_train(args) -> int:
@@ -161,21 +154,36 @@ def cmd_compare(args) -> int:
     return 1 if failed else 0
 
 
+def presets_epilog() -> str:
+    """The presets of every registered method kind, grouped by kind (from the registries)."""
+    from reprpo.methods.base import KINDS
+    from reprpo.methods.presets import preset_names
+
+    lines = ["presets (method kinds and their names):"]
+    for kind in KINDS.values():
+        names = preset_names(kind.name)
+        lines.append(f"  {kind.name}: {kind.help}")
+        lines.append(textwrap.fill(", ".join(names), 100, initial_indent="    ", subsequent_indent="    ", break_on_hyphens=False))
+    return "\n".join(lines)
+
+
+def registry_choices() -> dict[str, list[str]]:
+    """Registry-backed config fields -> their registered names (shown in each option's help)."""
+    from reprpo.methods.presets import REGISTRY_FIELDS
+
+    return {k: [n for n in v if k != "train.method"] for k, v in REGISTRY_FIELDS.items()}
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="reprpo", description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
 
-    from reprpo.methods.presets import GRAD_METHODS, OUTPUT_METHODS, preset_names
-
-    presets = preset_names()
-    repr_presets = [n for n in presets if n not in OUTPUT_METHODS + GRAD_METHODS]
-    epilog = ("presets:\n  output-level: " + ", ".join(OUTPUT_METHODS) + "\n  gradient:     " + ", ".join(GRAD_METHODS)
-              + "\n  representation ({hs|side}-{transform}-{loss}):\n" + textwrap.fill(", ".join(repr_presets), 100, initial_indent="    ", subsequent_indent="    ", break_on_hyphens=False))
+    epilog = presets_epilog()
     t = sub.add_parser("train", help="train an adapter (then evaluate it on the eval splits)", description="Train a LoRA adapter from preference pairs; by default then evaluates base vs adapter on train/test/oos/rnd.", epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
     t.add_argument("method", nargs="?", default=None, help="method preset (default: dpo); listed below")
     t.add_argument("--config", help="YAML config file (sections model, data, lora, train, eval)")
     t.add_argument("--out", help="output directory (adapter, config.yaml, metrics.csv, tb/, eval/)")
-    add_config_arguments(t)
+    add_config_arguments(t, choices=registry_choices())
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="score base vs adapter on named splits", description="Score preference pairs with the base model (adapter off) and a trained adapter.")
@@ -183,7 +191,7 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--config", help="YAML config file")
     e.add_argument("--out", help="where to write summary.md/csv and per-pair scores (default RUN/eval)")
     e.add_argument("--base-only", action="store_true", help="score the base model only")
-    add_config_arguments(e, sections=("model", "data", "eval"))
+    add_config_arguments(e, sections=("model", "data", "eval"), choices=registry_choices())
     e.set_defaults(func=cmd_eval)
 
     d = sub.add_parser("data", help="data tools")
@@ -214,7 +222,7 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--steps", type=int, help="shortcut for --train.max_steps")
     c.add_argument("--fail-fast", action="store_true", help="stop at the first failing run (default: mark it failed and go on)")
     c.add_argument("--no-report", action="store_true", help="do not render the report (STORE_DIR/report) at the end")
-    add_config_arguments(c)
+    add_config_arguments(c, choices=registry_choices())
     c.set_defaults(func=cmd_compare)
     r = sub.add_parser("report", help="tables and plots from a results store",
                        description="Re-render report.md, report.html and PNGs from a results store (runs with status done) and print the markdown: Δ in pp with 95% CIs over seeds, paired differences vs DPO, transfer, coherence, training curves.")
@@ -225,7 +233,7 @@ def parser() -> argparse.ArgumentParser:
     tu = sub.add_parser("tune", help="hyper-parameter search on a validation shift (optuna)",
                         description="Tune a method's hyper-parameters with optuna (resumable SQLite study). Objective: oos accuracy gain (adapter - base, pp) on the VALIDATION shift, which must never be a reported shift. Trials whose in-sample (train split) gain is below the median are pruned before the oos scoring. Writes OUT/best_params_METHOD.yaml (dotted keys, for `reprpo compare --params METHOD=FILE`).",
                         epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
-    tu.add_argument("method", help="method preset; its search space is listed in reprpo.tune.SEARCH_SPACES")
+    tu.add_argument("method", help="method preset; its search space comes from its method kind (CONTRIBUTING.md)")
     tu.add_argument("--shift", required=True, help="validation shift (builtin:NAME or PATH/shifts.json:NAME); recorded as validated_on")
     tu.add_argument("--trials", type=int, required=True, help="finished trials the study should hold; a rerun resumes and adds the missing ones")
     tu.add_argument("--store", default="runs/tune/optuna.sqlite", help="optuna SQLite storage (default: %(default)s)")
@@ -236,7 +244,7 @@ def parser() -> argparse.ArgumentParser:
     tu.add_argument("--n-eval", type=int, help="shortcut for --data.n_eval")
     tu.add_argument("--steps", type=int, help="shortcut for --train.max_steps")
     tu.add_argument("--keep-adapters", action="store_true", help="keep each trial's adapter weights (deleted after scoring by default)")
-    add_config_arguments(tu)
+    add_config_arguments(tu, choices=registry_choices())
     tu.set_defaults(func=cmd_tune)
     return p
 

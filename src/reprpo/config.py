@@ -107,6 +107,9 @@ class MethodConfig:
     projbp_rectify: str = F("identity", "projbp: identity | leaky (keep only the descent component that separates chosen from rejected)")
     projbp_leak: float = F(0.0, "projbp leaky: factor on the discarded sign")
     projbp_renorm: bool = F(False, "projbp: rescale each token's rewritten gradient to its original norm")
+    project: str = F("grad", "projgrad: what is projected on span{u_b}: grad (each pair's LoRA-B gradient, before the optimiser) | update (the optimiser's applied LoRA-B update, after AdamW's per-coordinate rescaling)")
+    # token-level DPO (DESIGN §5b)
+    tdpo_alpha: float = F(0.5, "tdpo2: weight alpha of the sequential-KL term")
 
 
 @dataclass
@@ -128,6 +131,7 @@ class EvalConfig:
     workers: int = F(0, "scoring threads sharing the model, torch's threads divided among them; 0 = auto: one per torch thread (at most 4) on CPU, where one thread per core scored W2 faster than one worker with all threads; 1 on GPU")
     after_train: bool = F(True, "`reprpo train` evaluates base vs adapter on the eval splits when done")
     per_pair_format: str = F("parquet", "per-pair score file format: parquet | csv")
+    scorer: str = F("", "how a pair is scored (correct iff score margin > 0); empty = the method's own scorer (ℓ̄ margin for log-prob methods)")
 
 
 @dataclass
@@ -253,13 +257,14 @@ def from_dict(d: dict[str, Any], *, where: str = "config") -> RunConfig:
 
 def validate(cfg: RunConfig) -> None:
     """Cross-field checks, with the field named in each message."""
+    from reprpo.data.readers import PAIRINGS  # a light module (no torch); config sits above data
+
     d, t = cfg.data, cfg.train
+    PAIRINGS.check(d.pairing, where="data.pairing")
     if d.max_length <= 1:
         raise ConfigError("data.max_length must be > 1.")
     if not 0 < d.max_prompt_length < d.max_length:
         raise ConfigError(f"data.max_prompt_length ({d.max_prompt_length}) must be > 0 and < data.max_length ({d.max_length}), to leave room for the response.")
-    if d.pairing not in ("first", "all"):
-        raise ConfigError(f"data.pairing must be `first` or `all`, got {d.pairing!r}.")
     for name, v in (("train.batch_size", t.batch_size), ("train.grad_accum", t.grad_accum), ("lora.r", cfg.lora.r)):
         if v < 1:
             raise ConfigError(f"{name} must be >= 1, got {v}.")
@@ -275,12 +280,16 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"train.lr must be > 0, got {t.lr}.")
     if cfg.speed.packed_attention not in ("auto", "eager", "sdpa", "blocks"):
         raise ConfigError(f"speed.packed_attention must be auto, eager, sdpa or blocks, got {cfg.speed.packed_attention!r}.")
+    if cfg.method.project not in ("grad", "update"):
+        raise ConfigError(f"method.project must be grad or update, got {cfg.method.project!r}.")
     if cfg.eval.per_pair_format not in ("parquet", "csv"):
         raise ConfigError(f"eval.per_pair_format must be parquet or csv, got {cfg.eval.per_pair_format!r}.")
 
 
-def add_config_arguments(parser, *, sections: tuple[str, ...] = SECTIONS) -> None:
-    """Add `--section.field` options (default None = keep config value) with each field's help."""
+def add_config_arguments(parser, *, sections: tuple[str, ...] = SECTIONS, choices: dict[str, list[str]] | None = None) -> None:
+    """Add `--section.field` options (default None = keep config value) with each field's help;
+    `choices` (registry-backed fields -> registered names) appends the names to the help."""
+    choices = choices or {}
     for sec in sections:
         cls = type(getattr(RunConfig(), sec))
         group = parser.add_argument_group(f"{sec} options")
@@ -288,9 +297,11 @@ def add_config_arguments(parser, *, sections: tuple[str, ...] = SECTIONS) -> Non
             typ = _field_type(cls, f.name)
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             tname = "NAME=SRC,..." if typing.get_origin(typ) is dict else typ.__name__.upper()
+            names = [n for n in choices.get(f"{sec}.{f.name}", []) if n]
+            listed = f"; registered: {', '.join(names)}" if names else ""
             group.add_argument(
                 f"--{sec}.{f.name}", dest=f"cfg:{sec}.{f.name}", default=None, metavar=tname,
-                help=f"{f.metadata.get('help', '')} (default: {default!r})".replace("%", "%%"),
+                help=f"{f.metadata.get('help', '')} (default: {default!r}{listed})".replace("%", "%%"),
             )
 
 

@@ -14,17 +14,17 @@ from pathlib import Path
 
 import torch
 
-from reprpo.model import forward
 from reprpo.config import RunConfig, save_yaml
 from reprpo.data.prepare import prepare
-from reprpo.data.tokenize import collate, set_header
-from reprpo.errors import ConfigError
-from reprpo.methods.gradproj import lora_modules
-from reprpo.model.memory import keep_freed_memory
-from reprpo.methods.presets import build_method
-from reprpo.model.loading import load_model_and_tokenizer
-from reprpo.model.refcache import build_ref_cache
 from reprpo.data.shifts import data_sources
+from reprpo.errors import ConfigError
+from reprpo.methods import build_method
+from reprpo.methods.gradproj import lora_modules
+from reprpo.methods.presets import preset_note
+from reprpo.model.layout import build_layout
+from reprpo.model.loading import load_model
+from reprpo.model.memory import keep_freed_memory
+from reprpo.model.refcache import build_ref_cache
 
 
 def default_out(cfg: RunConfig) -> Path:
@@ -136,43 +136,40 @@ def train(cfg: RunConfig) -> Path:
         keep_freed_memory()
 
     # data
-    model, tok = load_model_and_tokenizer(cfg.model.name, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
+    model, tok = load_model(cfg.model)
     train_src, _ = data_sources(shift=cfg.data.shift, train=cfg.data.train, eval_splits=cfg.data.eval)
     data = prepare(train_src, tok, cfg.data, limit=cfg.data.n_train)
     acc.print(f"train data: {data.summary()}")
+    if note := preset_note(cfg):
+        acc.print(note)
 
-    # adapter (seeded: the LoRA init repeats)
+    # adapter (seeded: the LoRA init repeats) and method
     set_seed(tc.seed)
     model = make_lora(model, cfg)
     model.train()
     method = build_method(cfg, model)
-    sp = cfg.speed
-    packed = sp.share_prompt and method.supports_packing
-    share_prefix = packed and sp.share_prefix and method.supports_prefix and forward.prefix_supported(model)
-    # one prefix rule for every pass (reference caches and training batches alike, so their
-    # numerics match): the header common to the whole training set, else each batch's own
-    layout = {"packed": packed, "share_prefix": share_prefix, "share_response": packed and sp.share_response,
-              "header": set_header(data.tokenized) if share_prefix else None}
-    forward.PACKED_ATTENTION["impl"] = forward.resolve_packed_attention(sp.packed_attention, training=True, device_type=acc.device.type)
+    # one layout for every pass (reference cache and training batches alike, so their numerics
+    # match): the header common to the whole training set, else each batch's own
+    layout = build_layout(cfg.speed, model, stage="train", device_type=acc.device.type, packing=method.packing,
+                          prefix=method.prefix).for_pairs(data.tokenized)
     model.to(acc.device)
     cache, t_cache = None, time.time()
-    if sp.ref_cache and method.uses_reference:  # one reference pass now, none in the loop
-        cache = build_ref_cache(model, data.tokenized, pad_id=tok.pad_token_id, packed=packed, share_prefix=share_prefix,
-                                share_response=layout["share_response"],
-                                batch_size=tc.batch_size, points=method.cache_points, pooling=cfg.method.pooling,
-                                outlier_quantile=cfg.method.outlier_quantile, chunk=sp.logit_chunk,
-                                directions=lora_modules(model) if method.cache_dirs else None)
+    need = method.reference
+    if cfg.speed.ref_cache and need.cached:  # one reference pass now, none in the loop (for what the cache holds)
+        cache = build_ref_cache(model, data.tokenized, pad_id=tok.pad_token_id, layout=layout, batch_size=tc.batch_size,
+                                points=list(need.points), pooling=cfg.method.pooling, outlier_quantile=cfg.method.outlier_quantile,
+                                chunk=cfg.speed.logit_chunk, directions=lora_modules(model) if need.directions else None)
     t_cache = time.time() - t_cache
     method.prepare(model, data.tokenized, pad_id=tok.pad_token_id, cache=cache, layout=layout)  # e.g. fit pca, size frames
     method.to(acc.device)
-    extra = [p for p in method.parameters() if p.requires_grad]  # learned frames (hra/ether/ortho)
+    extra = method.extra_parameters()  # learned frames (hra/ether/ortho)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     sampler = LengthGroupedBatches([p.length for p in data.tokenized], batch_size=tc.batch_size,
-                                   seed=tc.seed, group=sp.length_batches, shuffle=tc.shuffle)
+                                   seed=tc.seed, group=cfg.speed.length_batches, shuffle=tc.shuffle)
     loader = torch.utils.data.DataLoader(
         data.tokenized, batch_sampler=sampler,
-        collate_fn=lambda b: collate(b, pad_id=tok.pad_token_id, **layout),
+        collate_fn=lambda b: layout.collate(b, pad_id=tok.pad_token_id),
     )
     steps_per_epoch = max(1, len(loader) // tc.grad_accum)
     total = tc.max_steps or max(1, math.ceil(tc.epochs * steps_per_epoch))
@@ -193,8 +190,9 @@ def train(cfg: RunConfig) -> Path:
         for batch in loader:
             with acc.accumulate(model):
                 ref = cache.lookup(batch) if cache is not None else None
-                with method.step(model, batch, ref=ref):  # gradient methods hook forward + backward here
-                    loss, metrics = method.loss(model, batch, ref=ref)
+                with method.step(model, batch, ref=ref) as ref:  # gradient methods hook forward + backward here
+                    per_pair, metrics = method.loss(model, batch, ref=ref)
+                    loss = per_pair.mean()
                     acc.backward(loss)
                 real_tokens += batch.n_tokens
                 padded_tokens += batch.n_slots
@@ -214,6 +212,7 @@ def train(cfg: RunConfig) -> Path:
                 lr = scheduler.get_last_lr()[0]
                 optimizer.step()
                 if acc.sync_gradients:
+                    method.after_step(model, optimizer)  # e.g. projgrad's update projection
                     scheduler.step()
                 optimizer.zero_grad()
             if not acc.sync_gradients:
@@ -242,7 +241,7 @@ def train(cfg: RunConfig) -> Path:
             torch.save(method.state_dict(), out / "method_state.pt")  # frames / pca bases
         report = {
             "steps": step, "pairs_seen": micro * tc.batch_size, "trainable_params": n_trainable,
-            "layout": "shared-prompt" if packed else "padded", "batch_prefix_tokens_saved": prefix_saved,
+            "layout": "shared-prompt" if layout.packed else "padded", "layout_detail": layout.describe(), "attention": layout.attention, "batch_prefix_tokens_saved": prefix_saved,
             "response_tokens_shared": response_shared, "reference_cache": cache is not None,
             "reference_cache_seconds": t_cache, "pad_waste": 1.0 - real_tokens / max(1, padded_tokens),
             "seconds": time.time() - t0, "data": {"source": train_src, "summary": data.summary(),

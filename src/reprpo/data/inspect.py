@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-import numpy as np
+from typing import TYPE_CHECKING
 
-from reprpo.config import RunConfig
+if TYPE_CHECKING:
+    from reprpo.config import RunConfig
+
+import numpy as np
 
 
 def inspect_source(source: str, cfg: RunConfig) -> str:

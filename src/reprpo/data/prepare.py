@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from reprpo.config import DataConfig
+
 from dataclasses import dataclass
 
-from reprpo.config import DataConfig
 from reprpo.data.pairs import DropReport, PreferencePair
 from reprpo.data.tokenize import TokenizedPair, TokenizeReport, tokenize_pairs
 from reprpo.errors import DataError

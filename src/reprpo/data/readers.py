@@ -28,18 +28,23 @@ import contextlib
 import json
 import math
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 from reprpo.data.pairs import DropReport, PreferencePair, keep_or_drop
 from reprpo.errors import ConfigError, DataError
+from reprpo.registry import Registry
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 FILE_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv")
-PAIRINGS = ("first", "all")
+# GENIES records (one preferred, 1-3 dispreferred): which dispreferred responses become pairs.
+# name -> (dispreferred in file order) -> the ones kept; one line each (DESIGN §6).
+PAIRINGS: Registry[Callable[[list[str]], list[str]]] = Registry("pairing", field="data.pairing")
+PAIRINGS.add("first", lambda dispreferred: dispreferred[:1])  # preferred vs the first dispreferred (default)
+PAIRINGS.add("all", lambda dispreferred: list(dispreferred))  # one pair per dispreferred response
 _SOURCE_HELP = (
     "A source is a path to a .json, .jsonl, .parquet or .csv file, "
     "'hf:<dataset_id>[:<split>]' or 'builtin:<dist>/<split>'."
@@ -79,7 +84,7 @@ def load_pairs(
     limit: keep only the first `limit` valid pairs (reading stops there).
     """
     if pairing not in PAIRINGS:
-        raise ConfigError(f"pairing must be one of {PAIRINGS}, got {pairing!r}.")
+        raise ConfigError(f"pairing must be one of {tuple(PAIRINGS)}, got {pairing!r}.")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ConfigError(f"limit must be a positive integer or None, got {limit!r}.")
 
@@ -224,9 +229,7 @@ def _genies_pairs(record: dict, *, pairing: str) -> list[tuple[Any, Any, Any, di
     preferred = [text for text, score in responses.items() if score == best]
     if len(preferred) != 1:
         raise _BadRecord("no unique preferred response")
-    dispreferred = [text for text, score in responses.items() if score != best]
-    if pairing == "first":
-        dispreferred = dispreferred[:1]
+    dispreferred = PAIRINGS[pairing]([text for text, score in responses.items() if score != best])
     return [
         (prompt, preferred[0], text, {"rejected_index": j}) for j, text in enumerate(dispreferred)
     ]

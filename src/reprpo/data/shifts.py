@@ -22,6 +22,12 @@ class Shift:
     splits: dict[str, str]  # split name -> source to score
 
 
+def shift_spec(name: str) -> str:
+    """`difficulty` -> `builtin:difficulty`; specs with a prefix (`builtin:`, `PATH/shifts.json:`) are kept."""
+    name = name.strip()
+    return name if ":" in name else f"builtin:{name}"
+
+
 def _genies_shifts(path: Path) -> list[dict[str, str]]:
     if not path.is_file():
         raise ConfigError(f"shifts file not found: {path}.")

@@ -124,6 +124,7 @@ class PairBatch:
     position_ids: torch.Tensor | None = None  # (R, t) packed only
     allow: torch.Tensor | None = None  # (R, t, t) bool, packed only: query i may attend key j
     prefix_ids: torch.Tensor | None = None  # (h,) packed only: tokens that begin every prompt, encoded once for the batch
+    attention: str = "keep"  # attention kernel of a packed batch (data.layout.Layout.attention); the forward reads it
 
     def to(self, device) -> PairBatch:
         return PairBatch(**{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in vars(self).items()})

@@ -84,16 +84,11 @@ def run_coherence(cfg, *, adapter_dir, n_prompts: int = N_PROMPTS,
                   max_new_tokens: int = MAX_NEW_TOKENS) -> dict[str, dict[str, float]]:
     """{'base': metrics, 'adapter': metrics} on the first `n_prompts` prompts of the config's
     `test` split (else its first eval split); base = the same model with the adapter off."""
-    from peft import PeftModel
-
     from reprpo.data.readers import load_pairs
-    from reprpo.model.loading import load_model_and_tokenizer
     from reprpo.data.shifts import data_sources
+    from reprpo.model.loading import device_type, load_model
 
-    model, tok = load_model_and_tokenizer(cfg.model.name, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
-    model = PeftModel.from_pretrained(model, str(adapter_dir))
-    device = "cuda" if torch.cuda.is_available() and cfg.train.device in ("auto", "cuda") else "cpu"
-    model.to(device).eval()
+    model, tok = load_model(cfg.model, adapter=adapter_dir, device=device_type(cfg.train.device))
     _, splits = data_sources(shift=cfg.data.shift, train=cfg.data.train, eval_splits=cfg.data.eval)
     source = splits.get("test") or next(iter(splits.values()))
     pairs, _ = load_pairs(source, pairing=cfg.data.pairing, tokenizer=tok, limit=n_prompts)

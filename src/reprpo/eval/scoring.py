@@ -1,8 +1,9 @@
 """Preference evaluation: score every pair for the base model (adapter off) and the adapter.
 
-Score of a response: ℓ̄ = mean response-token log-prob (GENIES convention); ℓ is kept too.
-A pair is correct iff ℓ̄⁺ > ℓ̄⁻ (a tie counts 0.5). Batches are length-sorted; padding is
-masked, so batched scores equal one-pair-at-a-time scores (tested).
+A pair's score margin comes from a registered scorer (methods/scorers.py; default `logp_mean`,
+ℓ̄⁺ − ℓ̄⁻ with ℓ̄ the mean response-token log-prob, the GENIES convention); a pair is correct
+iff the margin is > 0 (a tie counts 0.5). Batches are length-sorted; padding is masked, so
+batched scores equal one-pair-at-a-time scores (tested).
 """
 
 from __future__ import annotations
@@ -16,16 +17,19 @@ import numpy as np
 import pandas as pd
 import torch
 
+from reprpo.data.layout import PADDED, Layout
+from reprpo.data.tokenize import TokenizedPair
+from reprpo.eval.stats import delta_pp, ppl_ratio
+from reprpo.methods.base import SCORERS, Scorer
 from reprpo.model import forward
-from reprpo.data.tokenize import TokenizedPair, collate, set_header
-from reprpo.model.forward import adapter_disabled, sequence_logps
+from reprpo.model.forward import adapter_disabled
 
 
 @torch.no_grad()
 def score_pairs(model, pairs: list[TokenizedPair], *, pad_id: int, batch_size: int = 8, device=None,
-                packed: bool = False, share_prefix: bool = False, share_response: bool = False, chunk: int = 2048,
-                workers: int = 1) -> pd.DataFrame:
-    """Per-pair log-prob sums/means for chosen and rejected, in the order of `pairs`.
+                layout: Layout = PADDED, chunk: int = 2048, workers: int = 1, scorer: Scorer | None = None) -> pd.DataFrame:
+    """Per-pair scores in the order of `pairs`: the scorer's columns (default `logp_mean`: log-prob
+    sums and token counts of chosen and rejected, margin ℓ̄⁺ − ℓ̄⁻), then correctness.
 
     `workers` > 1 scores the batches in that many threads that share the model, torch's
     intra-op threads divided among them (`cpu_workers`): one thread per core has no
@@ -33,8 +37,9 @@ def score_pairs(model, pairs: list[TokenizedPair], *, pad_id: int, batch_size: i
     thread each 1.31 pairs/s, one worker with two threads 1.07-1.10 (bench/results/w2-workers.txt);
     interleaved in one process the gain was 1-5% (bench/scoring_ab.py). Scores are the same."""
     device = device or next(model.parameters()).device
+    scorer = scorer or SCORERS["logp_mean"]
     order = sorted(range(len(pairs)), key=lambda i: -pairs[i].length)  # longest first: OOM shows early
-    header = set_header(pairs) if packed and share_prefix else None
+    layout = layout.for_pairs(pairs)
     todo: queue.SimpleQueue = queue.SimpleQueue()
     for s in range(0, len(order), batch_size):
         todo.put(order[s : s + batch_size])
@@ -48,18 +53,10 @@ def score_pairs(model, pairs: list[TokenizedPair], *, pad_id: int, batch_size: i
                 idx = todo.get_nowait()
             except queue.Empty:
                 return
-            batch = collate([pairs[i] for i in idx], pad_id=pad_id, packed=packed, share_prefix=share_prefix, header=header,
-                            share_response=share_response).to(device)
-            lp = sequence_logps(model, batch, chunk=chunk, prefix_store=prefix_store)
-            cs, rs = lp.chosen_rejected()
-            b = len(idx)
-            cn, rn = lp.n_tokens[:b], lp.n_tokens[b:]
+            batch = layout.collate([pairs[i] for i in idx], pad_id=pad_id).to(device)
+            cols = {k: v.tolist() for k, v in scorer.fn(model, batch, chunk=chunk, prefix_store=prefix_store).items()}
             for j, i in enumerate(idx):
-                rows[i] = {
-                    "pair": pairs[i].index,
-                    "chosen_logp_sum": float(cs[j]), "rejected_logp_sum": float(rs[j]),
-                    "chosen_tokens": int(cn[j]), "rejected_tokens": int(rn[j]),
-                }
+                rows[i] = {"pair": pairs[i].index} | {k: v[j] for k, v in cols.items()}
 
     workers = max(1, min(workers, todo.qsize()))
     if workers == 1:
@@ -67,8 +64,7 @@ def score_pairs(model, pairs: list[TokenizedPair], *, pad_id: int, batch_size: i
     else:
         # run_decoder switches the attention kernel per call; set it once here, so the workers'
         # switches are no-ops and none of them restores the kernel under another's feet.
-        impl = forward.PACKED_ATTENTION["impl"] if packed else "keep"
-        with forward.attention_impl(model, impl), intra_op_threads(max(1, torch.get_num_threads() // workers)):
+        with forward.attention_impl(model, layout.attention if layout.packed else "keep"), intra_op_threads(max(1, torch.get_num_threads() // workers)):
             with ThreadPoolExecutor(workers) as pool:
                 for f in [pool.submit(work) for _ in range(workers)]:
                     f.result()  # re-raises a worker's error here
@@ -94,13 +90,18 @@ def intra_op_threads(n: int):
 
 
 def finish_scores(df: pd.DataFrame) -> pd.DataFrame:
-    """Add means, margins and correctness (ties 0.5) to per-pair log-prob sums."""
+    """Add per-token means (where there are log-prob columns), the margin (ℓ̄⁺ − ℓ̄⁻ unless the
+    scorer gave one) and correctness (margin > 0; ties 0.5)."""
     if df.empty:
         return df
-    df["chosen_logp_mean"] = df.chosen_logp_sum / df.chosen_tokens
-    df["rejected_logp_mean"] = df.rejected_logp_sum / df.rejected_tokens
-    df["margin"] = df.chosen_logp_mean - df.rejected_logp_mean
-    df["margin_sum"] = df.chosen_logp_sum - df.rejected_logp_sum
+    if "chosen_logp_sum" in df:
+        df["chosen_logp_mean"] = df.chosen_logp_sum / df.chosen_tokens
+        df["rejected_logp_mean"] = df.rejected_logp_sum / df.rejected_tokens
+        if "margin" not in df:
+            df["margin"] = df.chosen_logp_mean - df.rejected_logp_mean
+        df["margin_sum"] = df.chosen_logp_sum - df.rejected_logp_sum
+    if "margin" not in df:
+        raise ValueError("scores need a `margin` column (the scorer's score⁺ − score⁻)")
     df["correct"] = np.where(df.margin > 0, 1.0, np.where(df.margin == 0, 0.5, 0.0))
     return df
 
@@ -111,42 +112,45 @@ def summarize(df: pd.DataFrame) -> dict[str, float]:
         "n": int(len(df)),
         "accuracy": float(df.correct.mean()),
         "margin": float(df.margin.mean()),
-        "chosen_ppl": float(np.exp(-df.chosen_logp_mean.mean())),
+        "chosen_ppl": float(np.exp(-df.chosen_logp_mean.mean())) if "chosen_logp_mean" in df else float("nan"),
     }
 
 
-def base_scores_cached(model, pairs: list[TokenizedPair], *, pad_id: int, batch_size: int, packed: bool, share_prefix: bool = False,
-                       share_response: bool = False, chunk: int = 2048) -> pd.DataFrame:
-    """Base-model scores from the offline reference cache (computed once per model x data)."""
+def base_scores_cached(model, pairs: list[TokenizedPair], *, pad_id: int, batch_size: int, layout: Layout = PADDED,
+                       chunk: int = 2048, scorer: Scorer | None = None) -> pd.DataFrame:
+    """Base-model scores of a log-prob scorer from the offline reference cache (computed once per model x data)."""
     from reprpo.model.refcache import build_ref_cache
 
-    c = build_ref_cache(model, pairs, pad_id=pad_id, packed=packed, share_prefix=share_prefix, share_response=share_response,
-                        batch_size=batch_size, chunk=chunk)
+    scorer = scorer or SCORERS["logp_mean"]
+    c = build_ref_cache(model, pairs, pad_id=pad_id, layout=layout, batch_size=batch_size, chunk=chunk)
     row = {int(i): r for r, i in enumerate(c.pair_index.tolist())}
     r = [row[p.index] for p in pairs]
-    return finish_scores(pd.DataFrame({
-        "pair": [p.index for p in pairs],
-        "chosen_logp_sum": c.logp_sum[r, 0].tolist(), "rejected_logp_sum": c.logp_sum[r, 1].tolist(),
-        "chosen_tokens": c.n_tokens[r, 0].tolist(), "rejected_tokens": c.n_tokens[r, 1].tolist(),
-    }))
+    from reprpo.methods.scorers import margin_from_logps
+
+    cols = {"chosen_logp_sum": c.logp_sum[r, 0], "rejected_logp_sum": c.logp_sum[r, 1],
+            "chosen_tokens": c.n_tokens[r, 0], "rejected_tokens": c.n_tokens[r, 1]}
+    margin = margin_from_logps(cols, mean=scorer.name != "logp_sum")
+    return finish_scores(pd.DataFrame({"pair": [p.index for p in pairs]} | {k: v.tolist() for k, v in cols.items()}
+                                      | {"margin": margin.tolist()}))
 
 
 def evaluate_splits(model, tokenizer, splits: dict[str, list[TokenizedPair]], *, batch_size: int, with_adapter: bool = True,
-                    packed: bool = False, share_prefix: bool = False, share_response: bool = False, ref_cache: bool = False,
-                    chunk: int = 2048, workers: int = 1) -> tuple[pd.DataFrame, pd.DataFrame]:
+                    layout: Layout = PADDED, ref_cache: bool = False, chunk: int = 2048, workers: int = 1,
+                    scorer: Scorer | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Score each split for `base` (adapter off) and, if present, `adapter` (`workers`: see score_pairs;
     base scores from the reference cache are computed in one thread, as its activation capture needs).
 
-    With `ref_cache`, base scores come from (and go to) the offline reference cache.
-    Returns (summary table: one row per split, per-pair rows with split and model columns)."""
+    With `ref_cache`, base scores come from (and go to) the offline reference cache (log-prob
+    scorers only). Returns (summary table: one row per split, per-pair rows with split and model columns)."""
     per_pair, table = [], []
     pad = tokenizer.pad_token_id
-    lay = {"packed": packed, "share_prefix": share_prefix, "share_response": share_response}
+    scorer = scorer or SCORERS["logp_mean"]
+    lay = {"layout": layout, "scorer": scorer}
     for split, pairs in splits.items():
         row: dict[str, object] = {"split": split}
         variants = [("base", True)] + ([("adapter", False)] if with_adapter else [])
         for name, disable in variants:
-            if disable and ref_cache:
+            if disable and ref_cache and scorer.reference_cache:
                 df = base_scores_cached(model, pairs, pad_id=pad, batch_size=batch_size, chunk=chunk, **lay)
             elif disable:
                 with adapter_disabled(model):
@@ -160,8 +164,8 @@ def evaluate_splits(model, tokenizer, splits: dict[str, list[TokenizedPair]], *,
             row["n"] = s["n"]
             row |= {f"{name}_{k}": v for k, v in s.items() if k != "n"}
         if with_adapter:
-            row["delta_pp"] = 100.0 * (row["adapter_accuracy"] - row["base_accuracy"])
-            row["ppl_ratio"] = row["adapter_chosen_ppl"] / row["base_chosen_ppl"]
+            row["delta_pp"] = delta_pp(row["adapter_accuracy"], row["base_accuracy"])
+            row["ppl_ratio"] = ppl_ratio(row["adapter_chosen_ppl"], row["base_chosen_ppl"])
         table.append(row)
     return pd.DataFrame(table), pd.concat(per_pair, ignore_index=True)
 
@@ -194,36 +198,29 @@ def write_eval(out: Path, table: pd.DataFrame, per_pair: pd.DataFrame, *, fmt: s
 
 def scoring_setup(cfg, model, *, device_type: str) -> dict:
     """Keyword arguments of `score_pairs` / `evaluate_splits` that `cfg.speed` and `cfg.eval`
-    ask for (layout, batch size, chunk); also selects the scoring attention kernel. One rule for
-    `evaluate_run` and `tune`; the layout is train()'s, so a training reference cache of the
-    same data is reused."""
-    from reprpo.model import forward
+    ask for (layout with the scoring kernel, batch size, chunk, workers, scorer). One rule for
+    `evaluate_run` and `tune`; the layout is train()'s (`build_layout`), so a training reference
+    cache of the same data is reused."""
+    from reprpo.methods.presets import scorer_of
+    from reprpo.model.layout import build_layout
 
-    sp = cfg.speed
-    forward.PACKED_ATTENTION["impl"] = forward.resolve_packed_attention(sp.packed_attention, training=False, device_type=device_type)
-    return {"packed": sp.share_prompt, "share_prefix": sp.share_prompt and sp.share_prefix and forward.prefix_supported(model),
-            "share_response": sp.share_prompt and sp.share_response, "chunk": sp.logit_chunk,
+    return {"layout": build_layout(cfg.speed, model, stage="score", device_type=device_type), "chunk": cfg.speed.logit_chunk,
             "batch_size": cfg.eval.batch_size or (1 if device_type == "cpu" else 8),
-            "workers": cfg.eval.workers or cpu_workers(device_type)}
+            "workers": cfg.eval.workers or cpu_workers(device_type), "scorer": scorer_of(cfg)}
 
 
 def evaluate_run(cfg, *, adapter_dir: str | Path | None, out: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Load the base model (+ the adapter in `adapter_dir`), prepare the config's eval splits,
     score them and write summary.{md,csv} and per-pair scores to `out`."""
     from reprpo.data.prepare import prepare
-    from reprpo.model.memory import keep_freed_memory
-    from reprpo.model.loading import load_model_and_tokenizer
     from reprpo.data.shifts import data_sources
+    from reprpo.model.loading import device_type, load_model
+    from reprpo.model.memory import keep_freed_memory
 
     if cfg.speed.keep_memory:
         keep_freed_memory()
-    model, tok = load_model_and_tokenizer(cfg.model.name, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
-    if adapter_dir is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, str(adapter_dir))
-    device = "cuda" if torch.cuda.is_available() and cfg.train.device in ("auto", "cuda") else "cpu"
-    model.to(device).eval()
+    device = device_type(cfg.train.device)
+    model, tok = load_model(cfg.model, adapter=adapter_dir, device=device)
     _, sources = data_sources(shift=cfg.data.shift, train=cfg.data.train, eval_splits=cfg.data.eval)
     splits, notes = {}, []
     for name, src in sources.items():

@@ -19,18 +19,13 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from reprpo.experiments import store
-from reprpo.config import SECTIONS, RunConfig, apply_overrides, load_yaml, to_dict
+from reprpo.config import SECTIONS, RunConfig, load_yaml, to_dict
+from reprpo.data.shifts import shift_spec
 from reprpo.errors import ConfigError
+from reprpo.experiments import store
 
 # keys that change where or how a run reports, never its results: left out of the run_id
 NOT_IN_RUN_ID = ("out", "train.progress", "eval.after_train", "eval.per_pair_format")
-
-
-def shift_spec(name: str) -> str:
-    """`difficulty` -> `builtin:difficulty`; specs with a prefix are kept."""
-    name = name.strip()
-    return name if ":" in name else f"builtin:{name}"
 
 
 def split_list(text: str) -> list[str]:
@@ -76,15 +71,11 @@ def load_params(items: list[str]) -> dict[str, dict[str, Any]]:
 def build_run_config(*, method: str, shift: str, seed: int, base: RunConfig, out_root: str | Path,
                      overrides: dict[str, Any] | None = None) -> RunConfig:
     """Defaults < preset(method) < base settings < overrides < shift / seed / method / out."""
-    from reprpo.methods.presets import preset_overrides
+    from reprpo.methods import resolve_config
 
-    cfg = RunConfig()
-    apply_overrides(cfg, preset_overrides(method), where=f"preset {method}")
-    apply_overrides(cfg, base_settings(base), where="base config")
-    if overrides:
-        apply_overrides(cfg, overrides, where=f"--params {method}")
-    fixed = {"data.shift": shift, "train.seed": seed, "train.method": method, "eval.after_train": False}
-    apply_overrides(cfg, fixed, where="compare grid")
+    fixed = {"data.shift": shift, "train.seed": seed, "eval.after_train": False}
+    cfg = resolve_config(("base config", base_settings(base)), (f"--params {method}", overrides or {}), ("compare grid", fixed),
+                         method=method)
     cfg.out = str(Path(out_root) / run_id_of(cfg))
     return cfg
 

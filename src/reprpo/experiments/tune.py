@@ -26,37 +26,20 @@ from typing import Any
 
 import yaml
 
-from reprpo.config import RunConfig, apply_overrides
+from reprpo import methods
+from reprpo.config import RunConfig
+from reprpo.data.shifts import shift_spec
 from reprpo.errors import ConfigError
-from reprpo.methods.presets import GRAD_METHODS, OUTPUT_METHODS, preset_overrides
+from reprpo.methods import resolve_config
 
 # --------------------------------------------------------------------------- search spaces
 # (kind, low, high) for "log" (log-uniform) / "float" (uniform); ("cat", choices) for categorical.
-LR = {"train.lr": ("log", 1e-5, 1e-3)}
-BETA = {"train.beta": ("log", 0.01, 1.0)}
-LAYERS = {"method.layers": ("cat", ["0.3", "0.5", "0.7", "0.4,0.6,0.8"])}
-SEARCH_SPACES: dict[str, dict[str, tuple]] = {
-    "output": LR | BETA,                                               # dpo ipo cdpo hinge
-    "simpo": LR | {"train.beta": ("log", 0.5, 10.0), "method.simpo_gamma": ("float", 0.2, 2.0)},
-    "grad": LR | BETA | {"method.proj_beta": ("float", 0.0, 0.5)},     # projgrad projbp
-    "mse": LR | LAYERS | {"method.alpha": ("log", 0.1, 10.0)},
-    "rank": LR | LAYERS | {"method.alpha": ("log", 0.1, 10.0), "method.rank_beta": ("log", 0.1, 10.0)},
-    "prefvec": LR | BETA | LAYERS | {"method.beta_p": ("log", 0.1, 10.0), "method.lambda_o": ("log", 0.01, 10.0)},
-    "innerdpo": LR | BETA | LAYERS | {"method.repr_weight": ("log", 0.1, 10.0), "method.beta_h": ("log", 0.1, 10.0)},
-    "innerpo": LR | BETA | LAYERS | {"method.repr_weight": ("log", 0.1, 10.0), "method.beta_h": ("log", 0.1, 10.0)},
-}
+# Each method kind and registry entry declares its own (methods/*.py); nothing is listed here.
 
 
 def search_space(method: str) -> dict[str, tuple]:
-    """The search space of a preset: by family (output / simpo / grad) or by repr loss name."""
-    over = preset_overrides(method)  # validates the name
-    if method == "simpo":
-        return SEARCH_SPACES["simpo"]
-    if method in OUTPUT_METHODS:
-        return SEARCH_SPACES["output"]
-    if method in GRAD_METHODS:
-        return SEARCH_SPACES["grad"]
-    return SEARCH_SPACES[str(over["method.loss"])]
+    """The search space of a preset, from its kind and registry entries (validates the name)."""
+    return methods.search_space(resolve_config(method=method))
 
 
 def suggest(trial, space: dict[str, tuple]) -> dict[str, Any]:
@@ -100,12 +83,6 @@ def read_params(path: str | Path) -> tuple[dict[str, Any], dict[str, str]]:
     return params, meta
 
 
-def shift_spec(name: str) -> str:
-    """`context` -> `builtin:context`; specs with a prefix are kept (as `reprpo compare` does)."""
-    name = name.strip()
-    return name if ":" in name else f"builtin:{name}"
-
-
 def check_not_reported(params_path: str | Path, reported_shifts: list[str]) -> None:
     """Refuse tuned params whose validation shift is among the shifts to be reported."""
     _, meta = read_params(params_path)
@@ -140,8 +117,8 @@ class _Scorer:
     def gain(self, model, tok, cfg: RunConfig, split: str) -> dict[str, float]:
         """{'base': acc, 'adapter': acc, 'delta_pp': Δ} on one split."""
         from reprpo.eval.scoring import score_pairs, scoring_setup, summarize
-        from reprpo.model.forward import adapter_disabled
         from reprpo.eval.stats import delta_pp
+        from reprpo.model.forward import adapter_disabled
 
         key, pairs = self._pairs(cfg, tok, split)
         kw = scoring_setup(cfg, model, device_type=next(model.parameters()).device.type)  # evaluate_run's layout and batch size
@@ -164,14 +141,9 @@ class TuneResult:
 
 
 def trial_config(method: str, base: dict[str, Any], params: dict[str, Any], *, out: Path) -> RunConfig:
-    """defaults < preset_overrides(method) < tune's defaults < base options < trial params."""
-    cfg = RunConfig()
-    apply_overrides(cfg, preset_overrides(method), where=f"preset {method}")
-    apply_overrides(cfg, {"train.progress": False}, where="tune")
-    apply_overrides(cfg, base, where="base config")
-    apply_overrides(cfg, params, where="trial params")
-    apply_overrides(cfg, {"train.method": method, "eval.after_train": False, "out": str(out)}, where="tune")
-    return cfg
+    """defaults < preset(method) < tune's defaults < base options < trial params."""
+    return resolve_config(("tune", {"train.progress": False}), ("base config", base), ("trial params", params),
+                          ("tune", {"eval.after_train": False, "out": str(out)}), method=method)
 
 
 def run_tune(method: str, *, shift: str, trials: int, base: dict[str, Any] | None = None,
@@ -180,9 +152,8 @@ def run_tune(method: str, *, shift: str, trials: int, base: dict[str, Any] | Non
     """Run trials until the study holds `trials` finished ones (a rerun resumes), save the best
     params to out/best_params_{method}.yaml and return them."""
     import optuna
-    import torch
 
-    from reprpo.model.loading import load_model_and_tokenizer
+    from reprpo.model.loading import device_type, load_model
     from reprpo.train import train
 
     base = dict(base or {})
@@ -196,8 +167,7 @@ def run_tune(method: str, *, shift: str, trials: int, base: dict[str, Any] | Non
     if base.get("data.shift") is not None and shift_spec(str(base["data.shift"])) != shift:
         raise ConfigError(f"tune: --data.shift {base['data.shift']!r} disagrees with --shift {shift!r}; pass --shift only.")
     base["data.shift"] = shift
-    space = search_space(method)
-    trial_config(method, base, {}, out=Path(out))  # fail on a bad base option before any trial
+    space = methods.search_space(trial_config(method, base, {}, out=Path(out)))  # fails on a bad base option before any trial
     from reprpo.data.shifts import resolve_shift
 
     resolve_shift(shift)
@@ -229,12 +199,7 @@ def run_tune(method: str, *, shift: str, trials: int, base: dict[str, Any] | Non
         cfg = trial_config(method, base, params, out=tdir)
         adapter = train(cfg)
         try:
-            from peft import PeftModel
-
-            model, tok = load_model_and_tokenizer(cfg.model.name, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
-            model = PeftModel.from_pretrained(model, str(adapter))
-            device = "cuda" if torch.cuda.is_available() and cfg.train.device in ("auto", "cuda") else "cpu"
-            model.to(device).eval()
+            model, tok = load_model(cfg.model, adapter=adapter, device=device_type(cfg.train.device))
             tr = scorer.gain(model, tok, cfg, "train")
             trial.set_user_attr("train_delta_pp", tr["delta_pp"])
             trial.set_user_attr("out", str(tdir))

@@ -31,12 +31,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from reprpo.model.capture import pool
 from reprpo.data.tokenize import PairBatch
+from reprpo.model.capture import pool
 from reprpo.model.forward import SeqLogps, adapter_disabled, base_model, sequence_logps
+from reprpo.model.refcache import directions_from_pooled
 
 RECTIFY = ("identity", "leaky")
 
@@ -74,12 +74,6 @@ def lora_modules(model) -> dict[str, nn.Module]:
 
 def _lora_B(name: str, m: nn.Module) -> nn.Linear:
     return m.lora_B[_active_adapter(name, m)]
-
-
-def directions_from_pooled(p: Tensor) -> Tensor:
-    """(2b, o) pooled [chosen; rejected] -> u_b = normalise(p⁺ − p⁻), (b, o); 0 where p⁺ = p⁻."""
-    b = p.shape[0] // 2
-    return F.normalize(p[:b] - p[b:], dim=-1)
 
 
 @torch.no_grad()

@@ -21,6 +21,7 @@ Metrics (scalar, detached): `repr/{p,o,c}/{i}` per point i and their means `repr
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -28,6 +29,8 @@ from types import MappingProxyType
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from reprpo.registry import Registry
 
 Metrics = dict[str, Tensor]
 TermFn = Callable[["PooledActs", Tensor, Tensor, Tensor], tuple[Tensor, dict[str, Tensor]]]
@@ -257,31 +260,35 @@ class ReprLossSpec:
     dpo_required: bool = False  # the method is defined with the DPO term (weight must be > 0)
     repr_weight: float = 1.0  # weight of fn's term (DESIGN's α for innerdpo/innerpo)
     token_fn: Callable[[Tensor], Tensor] | None = None  # apply per token BEFORE pooling
+    init: float = math.log(2)  # fn's value when policy = reference (the hand-worked tests pin it)
+    space: Mapping[str, tuple] = field(default_factory=dict)  # tune's search space beyond lr (dotted config keys)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "defaults", MappingProxyType(dict(self.defaults)))
+        object.__setattr__(self, "space", MappingProxyType(dict(self.space)))
 
     @property
     def needs_token_fn(self) -> bool:
         return self.token_fn is not None
 
 
-REPR_LOSSES: dict[str, ReprLossSpec] = {
-    s.name: s
-    for s in (
-        ReprLossSpec("mse", mse_loss, {"alpha": 1.0}),
-        ReprLossSpec(
-            "prefvec", prefvec_loss, {"beta_p": 1.0, "lambda_o": 1.0, "lambda_c": 0.0},
-            dpo_weight=1.0,
-        ),
-        # β 1 and α 1 are ours (DESIGN leaves them open). The earlier code's "α 0.25" weighted
-        # a different (DPO-retain) term. At small shifts the anchor is second order in the
-        # shift while the rank term is first order, so α acts as a trust region.
-        ReprLossSpec("rank", rank_loss, {"beta": 1.0, "alpha": 1.0}, token_fn=rank_token_fn),
-        ReprLossSpec(
-            "innerdpo", innerdpo_term, {"beta_h": 1.0, "align": "proj", "eps": 1e-3},
-            dpo_weight=1.0, dpo_required=True,
-        ),
-        ReprLossSpec("innerpo", innerpo_term, {"beta_h": 1.0}, dpo_weight=1.0, dpo_required=True),
-    )
-}
+_LAYERS = {"method.layers": ("cat", ["0.3", "0.5", "0.7", "0.4,0.6,0.8"])}
+_BETA = {"train.beta": ("log", 0.01, 1.0)}
+REPR_LOSSES: Registry[ReprLossSpec] = Registry("representation loss", field="method.loss")
+REPR_LOSSES.add("mse", ReprLossSpec("mse", mse_loss, {"alpha": 1.0}, init=1.0,
+                                    space=_LAYERS | {"method.alpha": ("log", 0.1, 10.0)}))
+REPR_LOSSES.add("prefvec", ReprLossSpec(
+    "prefvec", prefvec_loss, {"beta_p": 1.0, "lambda_o": 1.0, "lambda_c": 0.0}, dpo_weight=1.0,
+    space=_BETA | _LAYERS | {"method.beta_p": ("log", 0.1, 10.0), "method.lambda_o": ("log", 0.01, 10.0)}))
+# β 1 and α 1 are ours (DESIGN leaves them open). The earlier code's "α 0.25" weighted a different
+# (DPO-retain) term. At small shifts the anchor is second order in the shift while the rank term
+# is first order, so α acts as a trust region.
+REPR_LOSSES.add("rank", ReprLossSpec(
+    "rank", rank_loss, {"beta": 1.0, "alpha": 1.0}, token_fn=rank_token_fn,
+    space=_LAYERS | {"method.alpha": ("log", 0.1, 10.0), "method.rank_beta": ("log", 0.1, 10.0)}))
+REPR_LOSSES.add("innerdpo", ReprLossSpec(
+    "innerdpo", innerdpo_term, {"beta_h": 1.0, "align": "proj", "eps": 1e-3}, dpo_weight=1.0, dpo_required=True,
+    space=_BETA | _LAYERS | {"method.repr_weight": ("log", 0.1, 10.0), "method.beta_h": ("log", 0.1, 10.0)}))
+REPR_LOSSES.add("innerpo", ReprLossSpec(
+    "innerpo", innerpo_term, {"beta_h": 1.0}, dpo_weight=1.0, dpo_required=True,
+    space=_BETA | _LAYERS | {"method.repr_weight": ("log", 0.1, 10.0), "method.beta_h": ("log", 0.1, 10.0)}))

@@ -24,14 +24,14 @@ H(v) = I − 2 v vᵀ/‖v‖² is the Householder reflection along v.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from reprpo.errors import ConfigError
-
-TRANSFORMS: tuple[str, ...] = ("none", "pca", "hra", "ether", "ortho", "unembed_null", "suppressed")
+from reprpo.registry import Registry
 
 
 class TransformConfigError(ConfigError, ValueError):
@@ -48,6 +48,7 @@ class Transform(nn.Module):
 
     trainable: bool = False
     needs_prev: bool = False
+    name: str = ""
 
     def __init__(self, *, d: int, k: int) -> None:
         super().__init__()
@@ -56,6 +57,13 @@ class Transform(nn.Module):
 
     def extra_repr(self) -> str:
         return f"d={self.d}, k={self.k}"
+
+    @classmethod
+    def build(cls, *, d: int, k: int | None, lm_head_weight: Tensor | None, energy: float, seed: int, block_size: int) -> Transform:
+        """From `build_transform`'s arguments (k already checked where the spec takes k)."""
+        if k is not None and k != d:
+            raise TransformConfigError(f"transform {cls.name!r} keeps the hidden size; k must be None or d={d}, got k={k!r}.")
+        return cls(d=d, k=d)
 
 
 def _check_k(name: str, d: int, k: int | None, *, required: bool) -> None:
@@ -76,6 +84,8 @@ class Identity(Transform):
     """T(h) = h
     ours (the no-transform baseline).
     """
+
+    name = "none"
 
     def forward(self, h: Tensor) -> Tensor:  # (..., d) -> (..., d)
         return h.float()
@@ -121,6 +131,10 @@ class PCATransform(Transform):
         self.singular_values.copy_(s[: self.k])
         self.fitted.fill_(True)
         return self
+
+    @classmethod
+    def build(cls, *, d, k, lm_head_weight, energy, seed, block_size) -> PCATransform:
+        return cls(d=d, k=k)
 
     def frame(self) -> Tensor:  # (d, k)
         if not bool(self.fitted):
@@ -168,6 +182,10 @@ class HRATransform(Transform):
     def extra_repr(self) -> str:
         return f"d={self.d}, k={self.k}, n_reflections={self.v.shape[0]}"
 
+    @classmethod
+    def build(cls, *, d, k, lm_head_weight, energy, seed, block_size) -> HRATransform:
+        return cls(d=d, k=k, seed=seed)
+
 
 class EtherTransform(Transform):
     """T(h) = hQ, Q = first k columns of blockdiag(I − 2 v_b v_bᵀ/‖v_b‖²), blocks of size bs
@@ -207,6 +225,10 @@ class EtherTransform(Transform):
     def extra_repr(self) -> str:
         return f"d={self.d}, k={self.k}, block_size={self.block_size}"
 
+    @classmethod
+    def build(cls, *, d, k, lm_head_weight, energy, seed, block_size) -> EtherTransform:
+        return cls(d=d, k=k, block_size=block_size, seed=seed)
+
 
 class OrthoTransform(Transform):
     """T(h) = hQ, Q = Wᵀ (d, k) with W (k, d) orthogonally parametrised (W Wᵀ = I_k)
@@ -229,6 +251,10 @@ class OrthoTransform(Transform):
 
     def forward(self, h: Tensor) -> Tensor:  # (..., d) -> (..., k)
         return h.float() @ self.frame()
+
+    @classmethod
+    def build(cls, *, d, k, lm_head_weight, energy, seed, block_size) -> OrthoTransform:
+        return cls(d=d, k=k, seed=seed)
 
 
 def unembed_basis(lm_head_weight: Tensor, *, k: int | None = None, energy: float = 0.9, chunk: int = 8192) -> tuple[Tensor, Tensor]:
@@ -283,6 +309,15 @@ class UnembedNullTransform(Transform):
     def extra_repr(self) -> str:
         return f"d={self.d}, k={self.k}, n_removed={self.n_removed}"
 
+    @classmethod
+    def build(cls, *, d, k, lm_head_weight, energy, seed, block_size) -> UnembedNullTransform:
+        if lm_head_weight is None:
+            raise TransformConfigError("transform 'unembed_null' needs lm_head_weight (the unembedding W_U, shape (v, d)).")
+        if lm_head_weight.ndim != 2 or lm_head_weight.shape[1] != d:
+            raise TransformConfigError(f"transform 'unembed_null': lm_head_weight must have shape (v, d={d}); got {tuple(lm_head_weight.shape)}.")
+        _check_k("unembed_null", d, k, required=False)
+        return cls(lm_head_weight=lm_head_weight, k=k, energy=energy)
+
 
 class SuppressedTransform(Transform):
     """T(h, h_prev) = relu(h_prev − h) = relu(H^{ℓ−1} − H^ℓ): what block ℓ removed
@@ -294,11 +329,42 @@ class SuppressedTransform(Transform):
     """
 
     needs_prev = True
+    name = "suppressed"
 
     def forward(self, h: Tensor, *, h_prev: Tensor) -> Tensor:  # (..., d), (..., d) -> (..., d)
         if h_prev.shape != h.shape:
             raise ValueError(f"suppressed: h_prev {tuple(h_prev.shape)} and h {tuple(h.shape)} must have the same shape.")
         return F.relu(h_prev.float() - h.float())
+
+
+@dataclass(frozen=True)
+class TransformSpec:
+    """A registered transform and what the method needs to know about it.
+
+    linear: T(Σ w h) = Σ w T(h), so T applies to pooled (and cached) activations · residual_only:
+    defined on the residual stream (collection hs) only · takes_k: method.k is its output size ·
+    needs_fit: fit() on reference preference directions before training · trainable: its
+    parameters train with the adapter · needs_prev: reads the previous block's output too."""
+
+    cls: type[Transform]
+    help: str
+    linear: bool = True
+    residual_only: bool = False
+    takes_k: bool = False
+    needs_fit: bool = False
+    trainable: bool = False
+    needs_prev: bool = False
+
+
+TRANSFORMS: Registry[TransformSpec] = Registry("transform", field="method.transform")
+TRANSFORMS.add("none", TransformSpec(Identity, "h"))
+TRANSFORMS.add("pca", TransformSpec(PCATransform, "hQ, Q = top-k right singular vectors of δ_ref (frozen)", takes_k=True, needs_fit=True))
+TRANSFORMS.add("hra", TransformSpec(HRATransform, "learned Householder frame", takes_k=True, trainable=True))
+TRANSFORMS.add("ether", TransformSpec(EtherTransform, "learned frame of Householder reflections", takes_k=True, trainable=True))
+TRANSFORMS.add("ortho", TransformSpec(OrthoTransform, "learned orthonormal frame (torch parametrisation)", takes_k=True, trainable=True))
+TRANSFORMS.add("unembed_null", TransformSpec(UnembedNullTransform, "h − hV_kV_kᵀ: what lm_head does not read", residual_only=True))
+TRANSFORMS.add("suppressed", TransformSpec(SuppressedTransform, "relu(H^{ℓ−1} − H^ℓ): what block ℓ removed", linear=False,
+                                           residual_only=True, needs_prev=True))
 
 
 def build_transform(
@@ -319,25 +385,9 @@ def build_transform(
     """
     if name not in TRANSFORMS:
         raise TransformConfigError(f"unknown transform {name!r}; choose one of: {', '.join(TRANSFORMS)}.")
+    spec = TRANSFORMS[name]
     if isinstance(d, bool) or not isinstance(d, int) or d < 1:
         raise TransformConfigError(f"transform {name!r}: hidden size d must be a positive integer; got {d!r}.")
-    if name in ("none", "suppressed"):
-        if k is not None and k != d:
-            raise TransformConfigError(f"transform {name!r} keeps the hidden size; k must be None or d={d}, got k={k!r}.")
-        return Identity(d=d, k=d) if name == "none" else SuppressedTransform(d=d, k=d)
-    if name == "unembed_null":
-        if lm_head_weight is None:
-            raise TransformConfigError("transform 'unembed_null' needs lm_head_weight (the unembedding W_U, shape (v, d)).")
-        if lm_head_weight.ndim != 2 or lm_head_weight.shape[1] != d:
-            raise TransformConfigError(f"transform 'unembed_null': lm_head_weight must have shape (v, d={d}); got {tuple(lm_head_weight.shape)}.")
-        _check_k(name, d, k, required=False)
-        return UnembedNullTransform(lm_head_weight=lm_head_weight, k=k, energy=energy)
-    _check_k(name, d, k, required=True)
-    assert k is not None
-    if name == "pca":
-        return PCATransform(d=d, k=k)
-    if name == "hra":
-        return HRATransform(d=d, k=k, seed=seed)
-    if name == "ether":
-        return EtherTransform(d=d, k=k, block_size=block_size, seed=seed)
-    return OrthoTransform(d=d, k=k, seed=seed)
+    if spec.takes_k:
+        _check_k(name, d, k, required=True)
+    return spec.cls.build(d=d, k=k, lm_head_weight=lm_head_weight, energy=energy, seed=seed, block_size=block_size)

@@ -19,6 +19,12 @@ from torch import nn
 
 from reprpo.errors import ConfigError
 from reprpo.model.forward import base_model
+from reprpo.registry import Registry
+
+# where to read (DESIGN §5 collection points); residual_only transforms need `hs`
+COLLECTIONS: Registry[str] = Registry("collection", field="method.collection")
+COLLECTIONS.add("hs", "residual stream: block outputs at the layer spec")
+COLLECTIONS.add("side", "inputs/outputs of submodules matched by method.modules inside the selected blocks")
 
 
 def decoder_layers(model) -> nn.ModuleList:
@@ -66,10 +72,10 @@ def parse_layers(spec: str, n_layers: int) -> list[int]:
             else:
                 out.append(_index(m.group(2), n_layers))
     except ValueError as e:
-        raise ConfigError(f"repr.layers {spec!r}: {e}. Use ints (negative from the end), fractions like 0.5, or range(a, b, step).") from e
+        raise ConfigError(f"method.layers {spec!r}: {e}. Use ints (negative from the end), fractions like 0.5, or range(a, b, step).") from e
     bad = [i for i in out if not 0 <= i < n_layers]
     if not out or bad:
-        raise ConfigError(f"repr.layers {spec!r} gives {out or 'no layers'}; the model has blocks 0..{n_layers - 1}.")
+        raise ConfigError(f"method.layers {spec!r} gives {out or 'no layers'}; the model has blocks 0..{n_layers - 1}.")
     return sorted(set(out))
 
 
@@ -89,17 +95,16 @@ def capture_points(model, *, collection: str, layers: list[int], modules: str = 
     blocks = decoder_layers(model)
     if collection == "hs":
         return [CapturePoint(f"hs.{i}", i, blocks[i], "output") for i in layers]
-    if collection != "side":
-        raise ConfigError(f"repr.collection must be hs or side, got {collection!r}.")
+    COLLECTIONS.check(collection, where="method.collection")
     pats = []
     for item in filter(None, (s.strip() for s in modules.split(","))):
         pat, _, what = item.partition(":")
         what = what or "output"
         if what not in ("input", "output"):
-            raise ConfigError(f"repr.modules item {item!r}: suffix must be :input or :output.")
+            raise ConfigError(f"method.modules item {item!r}: suffix must be :input or :output.")
         pats.append((re.compile(rf"(?:.*\.)?(?:{pat})"), what))  # matches a path suffix
     if not pats:
-        raise ConfigError("repr.modules is empty: side channels need e.g. `mlp.down_proj:input`.")
+        raise ConfigError("method.modules is empty: side channels need e.g. `mlp.down_proj:input`.")
     points = []
     for i in layers:
         for name, mod in blocks[i].named_modules():
@@ -110,7 +115,7 @@ def capture_points(model, *, collection: str, layers: list[int], modules: str = 
                 if pat.fullmatch(name):
                     points.append(CapturePoint(f"side.{i}.{name}.{what}", i, mod, what))
     if not points:
-        raise ConfigError(f"repr.modules {modules!r} matches no submodule of blocks {layers}.")
+        raise ConfigError(f"method.modules {modules!r} matches no submodule of blocks {layers}.")
     return points
 
 

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from reprpo.model import blocked_attention
 from reprpo.data.tokenize import PairBatch
+from reprpo.model import blocked_attention
 
 
 @dataclass
@@ -108,24 +108,6 @@ def prefix_kv(decoder, prefix_ids: torch.Tensor, *, store: dict | None = None) -
     return kv
 
 
-# Attention kernel for the packed layout: "eager" | "sdpa" | "blocks" | "keep" (the model's).
-# train() and evaluate_run() set it from speed.packed_attention; one kernel per stage, so the
-# reference (cached or not) and the policy see identical numerics.
-PACKED_ATTENTION = {"impl": "keep"}
-
-
-def resolve_packed_attention(setting: str, *, training: bool, device_type: str) -> str:
-    """auto -> eager for CPU training (sdpa's backward with a 4D mask measured 17% slower),
-    blocks for CPU scoring (SDPA on the visible keys only: 5% faster than plain sdpa on 64 W2
-    pairs, interleaved A/B; sdpa was 1.45x faster than eager), the model's own kernel on GPUs
-    (not measured)."""
-    if setting != "auto":
-        return setting
-    if device_type != "cpu":
-        return "keep"
-    return "eager" if training else "blocks"
-
-
 @contextmanager
 def attention_impl(model, impl: str):
     """Temporarily switch the attention kernel (transformers reads it at every forward)."""
@@ -146,15 +128,14 @@ def run_decoder(model, batch: PairBatch, *, prefix_store: dict | None = None) ->
 
     The shared-prompt layout needs a 4D mask; on CPU, sdpa's backward with an arbitrary float
     mask measured 17% slower than eager attention on W1 (bench/phases.py), while for scoring
-    (no graph) sdpa was 1.45x faster than eager: see `resolve_packed_attention`.
+    (no graph) sdpa was 1.45x faster than eager: see `model.layout.resolve_packed_attention`.
     A batch prefix is encoded first, once, and its keys/values are given to every row as a
     KV cache (gradients flow back into it); hooks that capture block outputs see the rows last."""
     from transformers import DynamicCache
 
     decoder, _ = decoder_and_head(model)
     p = next(decoder.parameters())
-    impl = PACKED_ATTENTION["impl"]  # train() / evaluate_run() resolve `auto` for their stage
-    with attention_impl(model, impl if batch.packed else "keep"):
+    with attention_impl(model, batch.attention if batch.packed else "keep"):  # the layout's kernel (model/layout.py)
         kw = model_inputs(batch, dtype=p.dtype)
         if batch.prefix_len:
             r = batch.input_ids.shape[0]
@@ -162,6 +143,25 @@ def run_decoder(model, batch: PairBatch, *, prefix_store: dict | None = None) ->
             kw |= {"past_key_values": DynamicCache([(k.expand(r, -1, -1, -1), v.expand(r, -1, -1, -1)) for k, v in kv]),
                    "use_cache": True}
         return decoder(**kw).last_hidden_state
+
+
+def response_states(model, batch: PairBatch, *, prefix_store: dict | None = None):
+    """Hidden states that predict each response token: (h (n, d), out_row (n,), targets (n,)).
+
+    n = response tokens over all output rows, in `response_mask.nonzero()` order."""
+    hidden = run_decoder(model, batch, prefix_store=prefix_store)  # (R, t, d)
+    out_row, pos = batch.response_mask.bool().nonzero(as_tuple=True)  # (n,), (n,)
+    in_row = batch.rows[out_row]
+    return hidden[in_row, batch.pred_pos[in_row, pos]], out_row, batch.input_ids[in_row, pos]
+
+
+def softcap_of(model) -> float | None:
+    return getattr(base_model(model).config, "final_logit_softcapping", None)
+
+
+def row_sums(values: torch.Tensor, out_row: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """Σ over each output row's tokens: values (n,) -> (n_rows,)."""
+    return torch.zeros(n_rows, dtype=values.dtype, device=values.device).index_add(0, out_row, values)
 
 
 def sequence_logps(model, batch: PairBatch, *, chunk: int = 2048, full_logits: bool = False, prefix_store: dict | None = None) -> SeqLogps:
@@ -176,7 +176,7 @@ def sequence_logps(model, batch: PairBatch, *, chunk: int = 2048, full_logits: b
     in_row = batch.rows[out_row]
     pred = batch.pred_pos[in_row, pos]  # (n,)
     targets = batch.input_ids[in_row, pos]  # (n,)
-    softcap = getattr(base_model(model).config, "final_logit_softcapping", None)
+    softcap = softcap_of(model)
     if full_logits:
         logits = head(hidden).float()  # (R, t, v)
         if softcap:

@@ -200,3 +200,25 @@ def load_model_and_tokenizer(
     except Exception as e:  # noqa: BLE001
         raise _hub_error(name, e) from e
     return model, tok
+
+
+def device_type(setting: str) -> str:
+    """`train.device` -> a torch device type: auto = cuda when available, else cpu (one rule for
+    train, eval, coherence and tune)."""
+    if setting == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return setting
+
+
+def load_model(mc, *, adapter: str | Path | None = None, device: str | None = None):
+    """(model, tokenizer) for a `ModelConfig`: the base model, plus the trained adapter in
+    `adapter` (a `reprpo train` output directory) when given, moved to `device` in eval mode
+    when given. The one loader of train, evaluate, coherence and tune."""
+    model, tok = load_model_and_tokenizer(mc.name, dtype=mc.dtype, trust_remote_code=mc.trust_remote_code)
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter))
+    if device is not None:
+        model.to(device).eval()
+    return model, tok

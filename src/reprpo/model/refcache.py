@@ -19,10 +19,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
+from reprpo.data.layout import PADDED, Layout
+from reprpo.data.tokenize import PairBatch, TokenizedPair
 from reprpo.model.capture import CapturePoint, capture, pool
-from reprpo.data.tokenize import PairBatch, TokenizedPair, collate, set_header
 from reprpo.model.forward import SeqLogps, adapter_disabled, base_model, sequence_logps
+
+
+def directions_from_pooled(p: torch.Tensor) -> torch.Tensor:
+    """(2b, o) pooled [chosen; rejected] -> u_b = normalise(p⁺ − p⁻), (b, o); 0 where p⁺ = p⁻."""
+    b = p.shape[0] // 2
+    return F.normalize(p[:b] - p[b:], dim=-1)
 
 
 @dataclass
@@ -92,9 +100,7 @@ def build_ref_cache(
     pairs: list[TokenizedPair],
     *,
     pad_id: int,
-    packed: bool,
-    share_prefix: bool = False,
-    share_response: bool = False,
+    layout: Layout = PADDED,
     batch_size: int = 8,
     points: list[CapturePoint] | None = None,
     pooling: str = "mean",
@@ -105,14 +111,13 @@ def build_ref_cache(
 ) -> RefCache:
     """Reference log-probs (and pooled activations at `points`, and projgrad/projbp directions
     at the `directions` modules, name -> LoRA-wrapped module) of every pair, from disk when a
-    cache with the same fingerprint exists, else computed (adapter off) and saved."""
-    from reprpo.methods.gradproj import directions_from_pooled
-
+    cache with the same fingerprint exists, else computed (adapter off) and saved. `layout` is
+    the training (or scoring) batches' layout, so the cached numerics are the policy's at init."""
     points = points or []
     directions = directions or {}
     dir_points = [CapturePoint(f"dir.{n}", -1, m, "output") for n, m in sorted(directions.items())]
-    spec = {"model": model_fingerprint(model), "data": data_fingerprint(pairs), "packed": packed, "share_prefix": share_prefix,
-            "share_response": packed and share_response, "points": [p.key for p in points], "pooling": pooling, "outlier_quantile": outlier_quantile,
+    layout = layout.for_pairs(pairs)
+    spec = {"model": model_fingerprint(model), "data": data_fingerprint(pairs), **layout.fingerprint(), "points": [p.key for p in points], "pooling": pooling, "outlier_quantile": outlier_quantile,
             "directions": sorted(directions)}
     fp = hashlib.blake2b(json.dumps(spec, sort_keys=True).encode(), digest_size=16).hexdigest()
     path = cache_root() / f"{fp}.pt"
@@ -130,14 +135,12 @@ def build_ref_cache(
     acts: dict[str, torch.Tensor] = {}
     dirs: dict[str, torch.Tensor] = {}
     prefix_store: dict = {}  # a template header shared by the batches is encoded once
-    header = set_header(pairs) if packed and share_prefix else None
     was_training = model.training
     model.eval()
     try:
         for s in range(0, n, batch_size):
             chunk_pairs = pairs[s : s + batch_size]
-            batch = collate(chunk_pairs, pad_id=pad_id, packed=packed, share_prefix=share_prefix, header=header,
-                            share_response=share_response).to(device)
+            batch = layout.collate(chunk_pairs, pad_id=pad_id).to(device)
             b = len(chunk_pairs)
             with adapter_disabled(model), capture(points + dir_points) as store:  # with a batch prefix, the rows' call comes last
                 lp = sequence_logps(model, batch, chunk=chunk, prefix_store=prefix_store)
