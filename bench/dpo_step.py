@@ -129,12 +129,14 @@ def child_w2(program: str, n_pairs: int, batch_size: int, workers: int) -> None:
     print(f"w2 {program}: {len(pairs)} pairs, mean tokens/pair {sum(p.length for p in pairs) / len(pairs):.0f}", file=sys.stderr)
     t0 = time.perf_counter()
     if program == "reprpo":
+        from reprpo.data.layout import Layout
         from reprpo.eval.scoring import cpu_workers, score_pairs
-        from reprpo.model import forward
+        from reprpo.model.layout import resolve_packed_attention
 
-        forward.PACKED_ATTENTION["impl"] = forward.resolve_packed_attention("auto", training=False, device_type="cpu")
-        df = score_pairs(model, pairs, pad_id=tok.pad_token_id, batch_size=batch_size, packed=True, share_prefix=True,
-                         share_response=True, workers=workers or cpu_workers("cpu"))
+        layout = Layout(packed=True, share_prefix=True, share_response=True,
+                        attention=resolve_packed_attention("auto", training=False, device_type="cpu"))
+        df = score_pairs(model, pairs, pad_id=tok.pad_token_id, batch_size=batch_size, layout=layout,
+                         workers=workers or cpu_workers("cpu"))
         scores = list(zip(df.chosen_logp_mean.tolist(), df.rejected_logp_mean.tolist()))
     else:
         scores = []

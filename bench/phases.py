@@ -14,7 +14,6 @@ import torch
 
 from reprpo.config import RunConfig, apply_overrides
 from reprpo.data.prepare import prepare
-from reprpo.data.tokenize import collate
 from reprpo.model.forward import attention_impl, decoder_and_head, token_logps
 from reprpo.model.loading import load_model_and_tokenizer
 from reprpo.model.memory import keep_freed_memory
@@ -31,12 +30,12 @@ def main() -> None:
     model.train()
     pairs = prepare(str(W1), tok, cfg.data, limit=4).tokenized
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    from reprpo.data.layout import Layout
     from reprpo.model import forward
 
     layouts = [("eager", True, True, True), ("eager", True, True, False), ("eager", True, False, False), ("sdpa", False, False, False)]
     for impl, packed, prefix, response in layouts:
-        batch = collate(pairs, pad_id=tok.pad_token_id, packed=packed, share_prefix=prefix, share_response=response)
-        forward.PACKED_ATTENTION["impl"] = impl
+        batch = Layout(packed=packed, share_prefix=prefix, share_response=response, attention=impl).collate(pairs, pad_id=tok.pad_token_id)
         _, head = decoder_and_head(model)
         times: dict[str, list[float]] = {"decoder fwd": [], "head+logsoftmax": [], "backward": [], "optimizer": []}
         for rep in range(6):

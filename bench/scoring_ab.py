@@ -28,8 +28,8 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
+    from reprpo.data.layout import Layout
     from reprpo.eval.scoring import cpu_workers, score_pairs
-    from reprpo.model import forward
     from reprpo.model.memory import keep_freed_memory
 
     keep_freed_memory()
@@ -43,10 +43,10 @@ def main() -> None:
         names = list(settings) if n % 2 == 0 else list(settings)[::-1]
         for name in names:
             impl, workers = settings[name]
-            forward.PACKED_ATTENTION["impl"] = impl
+            layout = Layout(packed=True, share_prefix=True, share_response=True, attention=impl)
             t, c = time.perf_counter(), time.process_time()
-            df = score_pairs(model, pairs[s : s + args.chunk], pad_id=tok.pad_token_id, batch_size=1, packed=True,
-                             share_prefix=True, share_response=True, workers=workers)
+            df = score_pairs(model, pairs[s : s + args.chunk], pad_id=tok.pad_token_id, batch_size=1, layout=layout,
+                             workers=workers)
             total[name][0] += time.perf_counter() - t
             total[name][1] += time.process_time() - c
             scores[name].append(torch.tensor(df[["chosen_logp_mean", "rejected_logp_mean"]].values))

@@ -46,10 +46,11 @@ def test_smollm2_dpo_4_steps_on_genies(genies_dir, tmp_path):
     assert row.adapter_margin > row.base_margin, table.to_string()
 
 
-@pytest.mark.parametrize("method", ["hs-pca-prefvec", "projgrad"])
+@pytest.mark.parametrize("method", ["hs-pca-prefvec", "projgrad", "sft", "tdpo2"])
 def test_smollm2_methods_4_steps(method, genies_dir, tmp_path):
-    """A representation preset and a gradient preset train 4 steps on SmolLM2: finite loss,
-    the step-1 loss at its initial value (prefvec + DPO = 2 ln 2, projgrad = DPO = ln 2)."""
+    """A representation, a gradient, the SFT and the TDPO2 preset train 4 steps on SmolLM2: finite
+    loss, the step-1 loss at its initial value (prefvec + DPO = 2 ln 2, projgrad = DPO = ln 2,
+    tdpo2 = ln 2, sft = the base model's chosen NLL)."""
     from reprpo.methods.presets import preset_overrides
     from reprpo.train import train
 
@@ -64,6 +65,8 @@ def test_smollm2_methods_4_steps(method, genies_dir, tmp_path):
     m = pd.read_csv(out / "metrics.csv")
     assert len(m) == 4 and all(math.isfinite(x) for x in m.loss)
     want = 2 * math.log(2) if method == "hs-pca-prefvec" else math.log(2)
+    if method == "sft":  # −ℓ̄_θ(y⁺) = the base model's chosen NLL at step 1
+        want = -m["logps/chosen_mean"][0]
     assert m.loss[0] == pytest.approx(want, abs=1e-4)
     if method == "hs-pca-prefvec":
         assert m["repr/p"][0] == pytest.approx(1.0, abs=1e-4)

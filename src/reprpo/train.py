@@ -226,7 +226,7 @@ def train(cfg: RunConfig) -> Path:
             if log and (step % tc.log_every == 0 or step == total):
                 log.write(row)
             bar.update(1)
-            bar.set_postfix(loss=f"{row['loss']:.4f}", margin=f"{row['rewards/margin']:.3f}")
+            bar.set_postfix({"loss": f"{row['loss']:.4f}"} | ({"margin": f"{row['rewards/margin']:.3f}"} if "rewards/margin" in row else {}))
             if step >= total:
                 break
     bar.close()
