@@ -22,7 +22,7 @@ from reprpo.methods import build_method
 from reprpo.methods.gradproj import lora_modules
 from reprpo.methods.presets import preset_note
 from reprpo.model.layout import build_layout
-from reprpo.model.loading import load_model
+from reprpo.model.loading import device_type, load_model
 from reprpo.model.memory import keep_freed_memory
 from reprpo.model.refcache import build_ref_cache
 
@@ -129,8 +129,7 @@ def train(cfg: RunConfig) -> Path:
     out = Path(cfg.out) if cfg.out else default_out(cfg)
     cfg.out = str(out)
     tc = cfg.train
-    cpu = tc.device == "cpu" or (tc.device == "auto" and not torch.cuda.is_available())
-    acc = Accelerator(cpu=cpu, mixed_precision=tc.mixed_precision, gradient_accumulation_steps=tc.grad_accum)
+    acc = Accelerator(cpu=device_type(tc.device) == "cpu", mixed_precision=tc.mixed_precision, gradient_accumulation_steps=tc.grad_accum)
     set_seed(tc.seed)
     if cfg.speed.keep_memory:
         keep_freed_memory()

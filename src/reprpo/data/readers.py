@@ -39,7 +39,6 @@ from reprpo.registry import Registry
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-FILE_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv")
 # GENIES records (one preferred, 1-3 dispreferred): which dispreferred responses become pairs.
 # name -> (dispreferred in file order) -> the ones kept; one line each (DESIGN §6).
 PAIRINGS: Registry[Callable[[list[str]], list[str]]] = Registry("pairing", field="data.pairing")
@@ -325,20 +324,12 @@ def _file_rows(source: str) -> Iterator[_Row]:
     if path.is_dir():
         raise DataError(f"{source} is a directory; give a data file inside it. {_SOURCE_HELP}")
     suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        return _jsonl_rows(path, source=source)
-    if suffix == ".json":
-        records = _read_json(path, source=source)
-    elif suffix == ".parquet":
-        records = _read_parquet(path, source=source)
-    elif suffix == ".csv":
-        records = _read_csv(path, source=source)
-    else:
+    if suffix not in READERS:
         raise DataError(
             f"Unknown data file type {path.suffix!r} for {source}: expected one of "
-            f"{', '.join(FILE_SUFFIXES)}. Convert it or rename it to the right suffix."
+            f"{', '.join(READERS)}. Convert it or rename it to the right suffix."
         )
-    return _indexed_rows(records, source=source)
+    return READERS[suffix](path, source=source)
 
 
 def _indexed_rows(records: Iterable[Any], *, source: str) -> Iterator[_Row]:
@@ -477,3 +468,11 @@ def _hub_offline_from_env() -> Iterator[None]:
         yield
     finally:
         datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE = saved
+
+
+# file suffix -> rows of a local file (each reader raises DataError naming the file and row)
+READERS: Registry[Callable[..., Iterator[_Row]]] = Registry("data file reader")
+READERS.add(".json", lambda path, *, source: _indexed_rows(_read_json(path, source=source), source=source))
+READERS.add(".jsonl", _jsonl_rows)
+READERS.add(".parquet", lambda path, *, source: _indexed_rows(_read_parquet(path, source=source), source=source))
+READERS.add(".csv", lambda path, *, source: _indexed_rows(_read_csv(path, source=source), source=source))

@@ -1,14 +1,20 @@
 """Gradient methods (DESIGN §5): the DPO loss, with each pair's gradient projected on that
-pair's own reference preference direction u_b (projgrad: LoRA-B weight gradients; projbp: the
-output gradient of every adapted module). The hooks live in `gradproj.py`; this is the method.
+pair's own reference preference direction u_b (projgrad: LoRA-B weight gradients, or with
+`method.project update` the optimiser's LoRA-B update; projbp: the output gradient of every
+adapted module). The hooks and projections live in `gradproj.py`; this is the method.
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
+
+import torch
+from torch import Tensor
 
 from reprpo.config import RunConfig
 from reprpo.data.tokenize import PairBatch
+from reprpo.errors import ConfigError
+from reprpo.methods import gradproj
 from reprpo.methods.base import (
     BETA,
     KINDS,
@@ -22,18 +28,45 @@ from reprpo.methods.base import (
     lp_kwargs,
     register_preset,
 )
-from reprpo.methods import gradproj
-from reprpo.methods.gradproj import projbp, projbp_needs_padded, projgrad
+from reprpo.methods.gradproj import (
+    lora_B_weights,
+    projbp,
+    projbp_needs_padded,
+    project_updates,
+    projgrad,
+)
 from reprpo.methods.losses import dpo_loss
 from reprpo.model.forward import sequence_logps
 from reprpo.model.refcache import RefOut
 
 
 class GradMethod(MethodBase):
-    """projgrad / projbp: DPO whose gradient is projected on the reference preference direction.
+    """projgrad  G ← Σ_b [u_b u_bᵀ G_b + β(I − u_b u_bᵀ)G_b] on each LoRA-B gradient (per pair);
+    ours (DESIGN §5). `method.project update`: ΔB ← PΔB + β(I − P)ΔB on each LoRA-B update of an
+    optimiser step, P the orthogonal projector on span{u_b} of all that step's pairs, β = proj_beta.
+    projbp  g ← s(⟨g,u_b⟩)u_b + β(g − ⟨g,u_b⟩u_b) on each adapted module's output gradient.
 
     With the reference cache, the directions u_b come from it with ℓ_ref (no reference forward
-    in the loop); without it, `step` runs one reference pass that gives both and yields them."""
+    in the loop); without it, `step` runs one reference pass that gives both and yields them.
+
+    Which projgrad mode is the default: `grad`. It is the per-pair rule DESIGN §5 defines, and
+    linear in each pair's G_b, so gradient accumulation, multi-process all-reduce and the
+    shared-prompt layout all give the large-batch gradient exactly; W3 measured it at 1.12× DPO's
+    step time. Its cost: AdamW then rescales each coordinate, so the applied update leaves
+    span{u_b} (on the tiny test model about half of the first update's norm lies outside;
+    tests/test_project_update.py measures it), against the seed's intent that the weight
+    change stay in the preference subspace.
+
+    `update` gives that intent instead: the gradients stay DPO's (no gradient hooks); `step`
+    snapshots every LoRA-B weight B₀ on the window's first micro-batch and records the window's
+    directions; `after_step` (once per real optimiser step, after all micro-batches) sets
+    B ← B₀ + PΔB + β(I − P)ΔB with ΔB = B − B₀, so with β = 0 the applied update lies in the span.
+    ΔB includes AdamW's decoupled weight decay, projected with it. LoRA-A is left as AdamW moved
+    it: its columns live in the module's input space, where u_b (an output-space direction)
+    means nothing. AdamW's moment buffers keep the unprojected history: the moments are those of
+    DPO's gradients, and only the step taken from them is projected. The span is that of the
+    step's pairs (under multi-process training, every process's: the directions are gathered),
+    not a per-pair rule, so it depends on the batch composition (n pairs span at most n axes)."""
 
     reference = RefNeeds(directions=True)
     prefix = False  # a batch prefix's tokens belong to every pair; u_b is per pair
@@ -41,10 +74,20 @@ class GradMethod(MethodBase):
     def __init__(self, cfg: RunConfig, *, mode: str):
         super().__init__()
         self.mode, self.beta, self.mc = mode, cfg.train.beta, cfg.method
+        self.project = cfg.method.project
+        if self.project == "update" and mode != "projgrad":
+            raise ConfigError(f"method.project=update projects the optimiser's LoRA-B update and exists for projgrad only; "
+                              f"{mode} rewrites output gradients: set method.project grad (or train.method projgrad).")
         self.lp_kw = lp_kwargs(cfg)
         # the shared-prompt layout gives the padded result when the projection is linear in g:
-        # always for projgrad; for projbp unless leaky s or renorm
+        # always for projgrad (update mode: the gradient is DPO's); for projbp unless leaky s or renorm
         self.packing = mode == "projgrad" or not projbp_needs_padded(self.mc.projbp_rectify, self.mc.projbp_renorm)
+        # `update` mode only. The protocol keeps no state between `step` and `loss`; this is state
+        # between `step` and `after_step` instead: the directions of the optimiser step's window
+        # (all its micro-batches) and LoRA-B before the step, both cleared by after_step. Plain
+        # attributes, not buffers: they are not part of state_dict.
+        self._window_dirs: dict[str, list[Tensor]] = {}  # name -> [(b, o)] per micro-batch
+        self._b_before: dict[str, Tensor] | None = None  # name -> B₀ (o, k) float32
 
     @contextmanager
     def step(self, model, batch: PairBatch, *, ref: RefOut | None = None):
@@ -54,11 +97,35 @@ class GradMethod(MethodBase):
             dirs, ref_lp = gradproj.reference_directions(model, batch)  # one reference pass: u_b and ℓ_ref
             ref = RefOut(ref_lp, dirs=dirs)
         mc, rows = self.mc, batch.row_pair
-        ctx = (projgrad(model, dirs, beta=mc.proj_beta, rows=rows) if self.mode == "projgrad" else
-               projbp(model, dirs, beta=mc.proj_beta, rectify=mc.projbp_rectify, leak=mc.projbp_leak,
-                      renorm=mc.projbp_renorm, rows=rows))
+        if self.project == "update":
+            self._record(model, dirs)
+            ctx = nullcontext()  # DPO's gradients; after_step projects the update
+        elif self.mode == "projgrad":
+            ctx = projgrad(model, dirs, beta=mc.proj_beta, rows=rows)
+        else:
+            ctx = projbp(model, dirs, beta=mc.proj_beta, rectify=mc.projbp_rectify, leak=mc.projbp_leak,
+                         renorm=mc.projbp_renorm, rows=rows)
         with ctx:
             yield ref
+
+    @torch.no_grad()
+    def _record(self, model, dirs: dict[str, Tensor]) -> None:
+        """Keep this micro-batch's directions; on the window's first, snapshot LoRA-B (it cannot
+        change within a window: the optimiser steps once per window)."""
+        weights = lora_B_weights(model, dirs)
+        if self._b_before is None:
+            self._b_before = {n: w.detach().float().clone() for n, w in weights.items()}
+        for n in weights:
+            self._window_dirs.setdefault(n, []).append(dirs[n].detach().float())
+
+    def after_step(self, model, optimizer) -> None:
+        """`update` mode: project this optimiser step's LoRA-B update on span{u_b} of its pairs."""
+        if self.project != "update" or self._b_before is None:
+            return
+        before, window = self._b_before, self._window_dirs
+        self._b_before, self._window_dirs = None, {}
+        dirs = {n: torch.cat([d.to(before[n].device) for d in ds]) for n, ds in window.items()}  # (Σ b, o)
+        project_updates(model, before, dirs, beta=self.mc.proj_beta)
 
     def loss(self, model, batch: PairBatch, *, ref: RefOut | None = None):
         if ref is None:

@@ -1,8 +1,10 @@
 """Gradient methods: the loss stays DPO; the gradient is projected onto the reference preference direction.
 
-projgrad  ∇B ← Σ_b [u_b u_bᵀ + β(I − u_b u_bᵀ)] ∇B_b     on each LoRA-B weight gradient
+projgrad  G ← Σ_b [u_b u_bᵀ G_b + β(I − u_b u_bᵀ)G_b]   on each LoRA-B weight gradient (per pair)
+  update  ΔB ← PΔB + β(I − P)ΔB                    on each LoRA-B optimiser update (`project_updates`)
 projbp    g ← s(⟨g,u_b⟩)u_b + β(g − ⟨g,u_b⟩u_b)       on each adapted module's output gradient
-u_b = normalise(pooled(out⁺_ref) − pooled(out⁻_ref)), one per pair and module (DESIGN §3, §5).
+u_b = normalise(pooled(out⁺_ref) − pooled(out⁻_ref)), one per pair and module (DESIGN §3, §5);
+P = the orthogonal projector on span{u_b} of all pairs of one optimiser step.
 
 Shapes: b pairs, R input rows, t tokens, o = d_out of a module, k LoRA rank. Padded layout:
 R = 2b rows [chosen; rejected], a pair's two rows share u_b; shared-prompt layout: R = b rows
@@ -162,7 +164,7 @@ def projected_weight_grad(g: Tensor, a: Tensor, u: Tensor, *, beta: float, rows:
 
 @contextmanager
 def projgrad(model, dirs: dict[str, Tensor], *, beta: float, rows: Tensor | None = None) -> Iterator[None]:
-    """∇B ← Σ_b [u_b u_bᵀ + β(I − u_b u_bᵀ)] ∇B_b on every LoRA-B weight; LoRA-A untouched.
+    """G ← Σ_b [u_b u_bᵀ G_b + β(I − u_b u_bᵀ)G_b] on every LoRA-B weight gradient; LoRA-A untouched.
     ours (DESIGN §5 "projgrad"); β = 0 keeps only the preference directions, β = 1 is plain DPO.
     `rows`: the pair of each input row of the batch (PairBatch.row_pair); None: padded layout.
 
@@ -222,6 +224,84 @@ def projgrad(model, dirs: dict[str, Tensor], *, beta: float, rows: Tensor | None
         for h in handles + grad_handles:
             h.remove()
         stash.clear()
+
+
+def lora_B_weights(model, dirs: dict[str, Tensor] | None = None) -> dict[str, nn.Parameter]:
+    """name -> the active adapter's lora_B.weight (o, k) of every LoRA module (`lora_modules` names);
+    with `dirs`, checked to be the modules the directions were computed for."""
+    mods = lora_modules(model) if dirs is None else _checked_modules(model, dirs)
+    return {n: _lora_B(n, m).weight for n, m in mods.items()}
+
+
+def projected_update(delta: Tensor, u: Tensor, *, beta: float) -> Tensor:
+    """ΔB ← PΔB + β(I − P)ΔB, P the orthogonal projector on span{u_1..u_n}
+    ours (DESIGN §5 projgrad, `method.project update`); delta (..., o, k), u (..., n, o) -> (..., o, k) float32.
+
+    Leading dimensions are a batch (modules of one shape). P = QQᵀ with Q the left singular
+    vectors of uᵀ whose singular value exceeds max(n, o)·eps·σ_max (numpy's matrix_rank
+    tolerance): a pair whose u_b is 0, or repeats another's direction, adds nothing to the span;
+    with no direction at all P = 0 and ΔB ← βΔB.
+
+    Worked, o = 3, u = [(1, 0, 0), (1, 1, 0)/√2, (0, 0, 0)]: span = the first two axes, so
+    P zeroes row 3 of ΔB: ΔB = [[1, 2], [3, 4], [5, 6]], β = 0.5 -> [[1, 2], [3, 4], [2.5, 3]]."""
+    d, u = delta.float(), u.float()
+    Q, S, _ = torch.linalg.svd(u.transpose(-1, -2), full_matrices=False)  # (..., o, m), (..., m); m = min(o, n)
+    tol = max(u.shape[-2], u.shape[-1]) * torch.finfo(S.dtype).eps * S.amax(dim=-1, keepdim=True)  # (..., 1)
+    Q = Q * (S > tol).to(Q.dtype)[..., None, :]  # columns beyond the numerical rank -> 0
+    along = Q @ (Q.transpose(-1, -2) @ d)  # PΔB
+    return along if beta == 0 else along + beta * (d - along)
+
+
+def _all_pairs(dirs: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Every process's directions, stacked: (n, o) -> (Σ_processes n, o) per module.
+
+    Under multi-process training the all-reduced update is the same on every process, so every
+    process must project it on the same span: the union of all processes' pairs. Shorter
+    stacks are padded with zero rows, which add nothing to a span."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return dirs
+    names = sorted(dirs)
+    n = torch.tensor([dirs[names[0]].shape[0]], device=dirs[names[0]].device)
+    sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, n)
+    n_max = int(max(sizes))
+    flat = torch.cat([torch.nn.functional.pad(dirs[k].float(), (0, 0, 0, n_max - dirs[k].shape[0])).reshape(-1)
+                      for k in names])  # one collective for all modules
+    parts = [torch.empty_like(flat) for _ in sizes]
+    dist.all_gather(parts, flat)
+    out, start = {}, 0
+    for k in names:
+        size = n_max * dirs[k].shape[1]
+        out[k] = torch.cat([p[start:start + size].reshape(n_max, -1) for p in parts])  # (W·n_max, o)
+        start += size
+    return out
+
+
+@torch.no_grad()
+def project_updates(model, before: dict[str, Tensor], dirs: dict[str, Tensor], *, beta: float) -> None:
+    """B ← B₀ + PΔB + β(I − P)ΔB, ΔB = B − B₀, for every LoRA-B weight, in place.
+    ours (DESIGN §5 projgrad, `method.project update`); `before` name -> B₀ (o, k) before the
+    optimiser step, `dirs` name -> (n, o) the directions of every pair of that step.
+
+    Modules whose (o, k) agree are projected in one batched SVD (a handful of shapes, not one
+    call per module); under multi-process training the span is that of all processes' pairs."""
+    weights = lora_B_weights(model, dirs)
+    if set(before) != set(weights):
+        raise RuntimeError("project_updates: the snapshot of LoRA-B does not match the model's LoRA modules; "
+                           "take it with lora_B_weights(model) before the optimiser step.")
+    dirs = _all_pairs(dirs)
+    groups: dict[tuple, list[str]] = {}
+    for n, w in weights.items():
+        groups.setdefault((tuple(w.shape), w.device), []).append(n)
+    for names in groups.values():
+        b0 = torch.stack([before[n].to(weights[n].device, torch.float32) for n in names])  # (m, o, k)
+        delta = torch.stack([weights[n].float() for n in names]) - b0  # (m, o, k)
+        u = torch.stack([dirs[n].to(b0.device) for n in names])  # (m, n, o)
+        new = b0 + projected_update(delta, u, beta=beta)
+        for n, w in zip(names, new, strict=True):
+            weights[n].copy_(w)
 
 
 def projbp_needs_padded(rectify: str, renorm: bool) -> bool:

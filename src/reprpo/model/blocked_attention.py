@@ -18,15 +18,12 @@ Registered with transformers as the attention implementation "reprpo_blocks"; a 
 
 from __future__ import annotations
 
-import threading
-import weakref
-
 import torch
 
 NAME = "reprpo_blocks"
 QUERY_BLOCK = 128  # queries per SDPA call; tests set it small to cover many blocks
 
-_last = threading.local()  # per thread (scoring workers): (weakref to the mask, block size, plan); one mask serves every layer
+PLAN_ATTR = "_reprpo_block_plan"  # the plan rides on the mask tensor itself: one mask serves every layer, no module state
 
 
 def block_plan(mask: torch.Tensor, block: int) -> list[tuple[int, int, slice | torch.Tensor]]:
@@ -51,11 +48,13 @@ def block_plan(mask: torch.Tensor, block: int) -> list[tuple[int, int, slice | t
 
 
 def _plan_for(mask: torch.Tensor, block: int):
-    ref, b, plan = getattr(_last, "plan", (None, None, None))
-    if ref is not None and ref() is mask and b == block:
+    """The mask's plan, built on its first layer and kept on the mask object (so each scoring
+    worker's batch has its own, and it dies with the batch)."""
+    b, plan = getattr(mask, PLAN_ATTR, (None, None))
+    if b == block:
         return plan
     plan = block_plan(mask, block)
-    _last.plan = (weakref.ref(mask), block, plan)
+    setattr(mask, PLAN_ATTR, (block, plan))
     return plan
 
 
