@@ -1,0 +1,1 @@
+"""Evaluation: scoring pairs for base and adapter, coherence checks, statistics."""

@@ -1,0 +1,1 @@
+"""Experiments over many runs: compare grids, the SQLite results store, reports, hyper-parameter tuning."""
