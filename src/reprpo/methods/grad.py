@@ -53,8 +53,8 @@ class GradMethod(MethodBase):
     linear in each pair's G_b, so gradient accumulation, multi-process all-reduce and the
     shared-prompt layout all give the large-batch gradient exactly; W3 measured it at 1.12× DPO's
     step time. Its cost: AdamW then rescales each coordinate, so the applied update leaves
-    span{u_b} (on the tiny test model about half of the first update's norm lies outside;
-    tests/test_project_update.py measures it), against the seed's intent that the weight
+    span{u_b} (about 60% of the first update's norm lies outside on the tiny test model, 57%
+    measured before; tests/test_project_update.py pins it), against the seed's intent that the weight
     change stay in the preference subspace.
 
     `update` gives that intent instead: the gradients stay DPO's (no gradient hooks); `step`
