@@ -77,7 +77,7 @@ def test_reflection_vectors_are_independent_at_init(name):
     t = build_transform(name, d=32, k=16, seed=0)
     v = torch.nn.functional.normalize(t.v.detach(), dim=1)  # (m, ·)
     cos = v @ v.T - torch.eye(v.shape[0])
-    assert v.shape[0] == (16 if name == "hra" else 2)
+    assert v.shape[0] == (16 if name == "hra" else 4)  # ether: one reflection per block of 8 over d = 32
     assert cos.abs().max() < 0.99
     assert _orth_err(t.frame()) < 1e-5
 
@@ -117,10 +117,10 @@ def test_partial_frame_is_not_a_rotation(name):
 
 def test_ether_blocks_and_divisibility():
     t = build_transform("ether", d=16, k=12, block_size=4, seed=0)
-    assert t.v.shape == (3, 4)  # only blocks that touch the first k columns
-    q = t.frame()
-    assert torch.equal(q[12:], torch.zeros(4, 12))  # block 4 is never read
-    assert torch.equal(q[:4, 4:], torch.zeros(4, 8))  # block-diagonal
+    # audit fix (issue 11): a k < d frame used to read only the blocks touching the first k
+    # columns (q[12:] == 0, a coordinate selection); now one reflection per block over the full
+    # width, after a fixed orthonormal mixing M (d, k): every coordinate is read (test_audit.py)
+    assert t.v.shape == (4, 4) and t.mix.shape == (16, 12)
     with pytest.raises(ValueError, match="not divisible by block_size=5"):
         build_transform("ether", d=16, k=4, block_size=5)
 

@@ -13,17 +13,17 @@ product loses orthonormality quickly in half precision.
 | none         | h                                 | d   | no        | -                     |
 | pca          | hQ, Q = top-k right s.v. of δ_ref | k   | no        | buffer Q, after fit() |
 | hra          | hQ, Q = (Π_i H(v_i))[:, :k]       | k   | yes       | v (m, d)              |
-| ether        | hQ, Q = blockdiag(H(v_b))[:, :k]  | k   | yes       | v (⌈k/bs⌉, bs)        |
+| ether        | hQ, Q = blockdiag(H(v_b)) M       | k   | yes       | v (d/bs, bs), buf M   |
 | ortho        | hQ, Q = Wᵀ with W Wᵀ = I_k        | k   | yes       | parametrised W (k, d) |
 | unembed_null | h − h V_k V_kᵀ                    | d   | no        | buffer V_k (d, k)     |
 | suppressed   | relu(h_prev − h)                  | d   | no        | -                     |
 
 H(v) = I − 2 v vᵀ/‖v‖² is the Householder reflection along v.
+ether's M (d, k) is a fixed, seeded orthonormal mixing, so its frame reads every coordinate.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -188,15 +188,18 @@ class HRATransform(Transform):
 
 
 class EtherTransform(Transform):
-    """T(h) = hQ, Q = first k columns of blockdiag(I − 2 v_b v_bᵀ/‖v_b‖²), blocks of size bs
+    """T(h) = hQ, Q = blockdiag(H(v_1), …, H(v_{d/bs})) M, H(v) = I − 2 v vᵀ/‖v‖², M (d, k) fixed orthonormal
     Bini et al. 2024, "ETHER: Efficient finetuning of large-scale models with hyperplane
     reflections" (block-diagonal variant), used here as a learned frame.
 
     d must be divisible by `block_size` (a clear error otherwise; 576, 896, 2048, 4096 all
-    divide by 8). The first k columns of a block-diagonal matrix only touch the first ⌈k/bs⌉
-    blocks, so only those blocks get a parameter: v (⌈k/bs⌉, bs), seeded N(0, I) per block.
-    Note what this means: with k < d the frame reads only hidden coordinates [0, ⌈k/bs⌉·bs),
-    rotated within blocks; it is a coordinate selection plus small learned rotations.
+    divide by 8). v (d/bs, bs) trainable, one seeded N(0, I) reflection vector per block over
+    the full width; M is a seeded Haar-random orthonormal (d, k) buffer (QR of a Gaussian,
+    column signs fixed; not trained, saved in the state dict). QᵀQ = MᵀBᵀBM = I_k; with k = d,
+    Q is orthogonal (d × d), so norm and inner-product losses are invariant to it.
+    (differs: the earlier version took the first k columns of the block-diagonal matrix, so with
+    k < d it read only coordinates [0, ⌈k/bs⌉·bs) and, when bs divides k, its span was fixed:
+    a coordinate selection. Here every coordinate is read and span(Q) = B·span(M) moves with v.)
     """
 
     trainable = True
@@ -207,20 +210,22 @@ class EtherTransform(Transform):
             divisors = [b for b in (2, 4, 8, 16, 32, 64) if d % b == 0]
             raise TransformConfigError(f"transform 'ether': hidden size d={d} is not divisible by block_size={block_size}; choose one of {divisors or [1]}.")
         self.block_size = block_size
-        n_blocks = math.ceil(k / block_size)
         g = torch.Generator().manual_seed(seed)
-        self.v = nn.Parameter(torch.randn(n_blocks, block_size, generator=g))  # (nb, bs)
-
-    def forward(self, h: Tensor) -> Tensor:  # (..., d) -> (..., k)
-        v = self.v.float()  # (nb, bs)
-        nb, bs = v.shape
-        x = h.float()[..., : nb * bs].unflatten(-1, (nb, bs))  # (..., nb, bs)
-        coef = 2.0 * (x * v).sum(-1, keepdim=True) / (v * v).sum(-1, keepdim=True).clamp_min(1e-12)
-        y = x - coef * v  # (..., nb, bs): per block x_b H(v_b)
-        return y.flatten(-2)[..., : self.k]
+        self.v = nn.Parameter(torch.randn(d // block_size, block_size, generator=g))  # (nb, bs), nb = d/bs
+        m, r = torch.linalg.qr(torch.randn(d, k, generator=g, dtype=torch.float64))  # (d, k), (k, k)
+        m = m * torch.where(r.diagonal() < 0, -1.0, 1.0).to(m)  # sign fix: Haar-distributed, deterministic
+        self.register_buffer("mix", m.float().contiguous())  # (d, k), fixed
 
     def frame(self) -> Tensor:  # (d, k)
-        return self(torch.eye(self.d, device=self.v.device))
+        v = self.v.float()  # (nb, bs)
+        nb, bs = v.shape
+        m = self.mix.float().unflatten(0, (nb, bs))  # (nb, bs, k): block b's rows of M
+        # H(v_b) M_b = M_b − 2 v_b (v_bᵀ M_b)/‖v_b‖², per block
+        coef = 2.0 * (v[..., None] * m).sum(1, keepdim=True) / (v * v).sum(-1)[:, None, None].clamp_min(1e-12)  # (nb, 1, k)
+        return (m - v[..., None] * coef).flatten(0, 1)  # (d, k)
+
+    def forward(self, h: Tensor) -> Tensor:  # (..., d) -> (..., k)
+        return h.float() @ self.frame()
 
     def extra_repr(self) -> str:
         return f"d={self.d}, k={self.k}, block_size={self.block_size}"

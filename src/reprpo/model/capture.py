@@ -9,10 +9,12 @@ earlier reprpo code collected every layer whatever the spec).
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from fractions import Fraction
 
 import torch
 from torch import nn
@@ -40,22 +42,39 @@ def decoder_layers(model) -> nn.ModuleList:
     raise ConfigError(f"cannot find the decoder blocks of {type(base_model(model)).__name__}")
 
 
+def _fraction(x: str) -> Fraction | None:
+    """x as an exact fraction if it is written as a decimal ("0.29", "1e-1"), else None (an int).
+
+    Exact, so "0.29" of 100 blocks is 29: in floating point 0.29 * 100 = 28.999… floors to 28."""
+    return Fraction(x) if "." in x or "e" in x.lower() else None
+
+
 def _index(x: str, n: int) -> int:
-    """One layer index: int (negative from the end) or a fraction of depth in (0, 1)."""
-    v = float(x)
-    if "." in x or "e" in x.lower():
-        if not 0.0 <= v <= 1.0:
+    """One layer index: int (negative from the end) or a fraction of depth in [0, 1], floor(f·n)."""
+    f = _fraction(x)
+    if f is not None:
+        if not 0 <= f <= 1:
             raise ValueError(f"fraction {x} outside [0, 1]")
-        return min(n - 1, int(v * n))  # 0.5 of 30 blocks = block 15; 1.0 = the last block
-    i = int(v)
+        return min(n - 1, math.floor(f * n))  # 0.5 of 30 blocks = block 15; 1.0 = the last block
+    i = int(x)
+    return i + n if i < 0 else i
+
+
+def _stop(x: str, n: int) -> int:
+    """range's exclusive stop: a fraction gives floor(f·n) (1.0 = n, past the last block); an int
+    is negative from the end."""
+    if "." in x:  # as before: only a decimal point makes a stop a fraction
+        return math.floor(Fraction(x) * n)
+    i = int(float(x))
     return i + n if i < 0 else i
 
 
 def parse_layers(spec: str, n_layers: int) -> list[int]:
     """Layer spec -> sorted block indices (DESIGN §3).
 
-    `"10"`, `"-2"`, `"0.5"` (fraction of depth; differs: earlier code read 1.0 as block 1),
-    `"0.25,0.5,0.75"`, `"range(0.3, 0.9, 2)"` / `"range(10, 20, 3)"` (start, stop, step)."""
+    `"10"`, `"-2"`, `"0.5"` (fraction of depth, floor(f·n) in exact arithmetic; differs: earlier
+    code read 1.0 as block 1), `"0.25,0.5,0.75"`, `"range(0.3, 0.9, 2)"` / `"range(10, 20, 3)"`
+    (start, stop, step)."""
     spec = str(spec).strip()
     out: list[int] = []
     try:
@@ -64,14 +83,12 @@ def parse_layers(spec: str, n_layers: int) -> list[int]:
                 args = [a.strip() for a in m.group(1).split(",")]
                 if not 2 <= len(args) <= 3:
                     raise ValueError("range takes start, stop[, step]")
-                a = _index(args[0], n_layers)
-                b = float(args[1])
-                b = int(b * n_layers) if "." in args[1] else int(b) + (n_layers if b < 0 else 0)  # exclusive stop
+                a, b = _index(args[0], n_layers), _stop(args[1], n_layers)
                 step = int(args[2]) if len(args) == 3 else 1
                 out += list(range(a, b, step))
             else:
                 out.append(_index(m.group(2), n_layers))
-    except ValueError as e:
+    except (ValueError, OverflowError) as e:  # OverflowError: a stop of "inf"
         raise ConfigError(f"method.layers {spec!r}: {e}. Use ints (negative from the end), fractions like 0.5, or range(a, b, step).") from e
     bad = [i for i in out if not 0 <= i < n_layers]
     if not out or bad:
