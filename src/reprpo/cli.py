@@ -69,9 +69,11 @@ def cmd_eval(args) -> int:
 
 def cmd_inspect(args) -> int:
     from reprpo.data.inspect import inspect_source
+    from reprpo.model.loading import load_tokenizer
 
     cfg = build_config(args)
-    print(inspect_source(args.source, cfg))
+    tok = load_tokenizer(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code)
+    print(inspect_source(args.source, cfg.data, tok, tokenizer_name=cfg.model.name))
     return 0
 
 

@@ -2,22 +2,17 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from reprpo.config import RunConfig
-
 import numpy as np
 
+from reprpo.data.prepare import DataSettings
 
-def inspect_source(source: str, cfg: RunConfig) -> str:
+
+def inspect_source(source: str, d: DataSettings, tok, *, tokenizer_name: str) -> str:
+    """Counts, token-length percentiles and truncation of `source` with tokenizer `tok`."""
     from reprpo.data.readers import load_pairs
     from reprpo.data.tokenize import format_prompt, tokenize_pairs
-    from reprpo.model.loading import load_tokenizer
 
-    tok = load_tokenizer(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code)
-    pairs, rep = load_pairs(source, pairing=cfg.data.pairing, strict=cfg.data.strict, tokenizer=tok)
-    d = cfg.data
+    pairs, rep = load_pairs(source, pairing=d.pairing, strict=d.strict, tokenizer=tok)
     # untruncated lengths
     eos = 1 if d.append_eos else 0
     lens = {
@@ -28,7 +23,7 @@ def inspect_source(source: str, cfg: RunConfig) -> str:
     lens["total"] = [a + max(b, c) for a, b, c in zip(lens["prompt"], lens["chosen"], lens["rejected"])]
     _, trep = tokenize_pairs(pairs, tok, max_length=d.max_length, max_prompt_length=d.max_prompt_length, chat_template=d.chat_template, append_eos=d.append_eos)
     qs = (0, 50, 90, 95, 99, 100)
-    lines = [f"source: {source}", f"read: {rep.summary()}", f"tokenizer: {cfg.model.name}", "",
+    lines = [f"source: {source}", f"read: {rep.summary()}", f"tokenizer: {tokenizer_name}", "",
              "token lengths  " + "  ".join(f"{'p' + str(q) if q not in (0, 100) else ('min' if q == 0 else 'max'):>6}" for q in qs) + "    mean"]
     for k, v in lens.items():
         pct = np.percentile(np.asarray(v), qs)

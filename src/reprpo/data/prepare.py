@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from reprpo.config import DataConfig
-
 from dataclasses import dataclass
+from typing import Protocol
 
 from reprpo.data.pairs import DropReport, PreferencePair
 from reprpo.data.tokenize import TokenizedPair, TokenizeReport, tokenize_pairs
 from reprpo.errors import DataError
+
+
+class DataSettings(Protocol):
+    """What the data layer reads of `config.DataConfig` (the data layer sits below config)."""
+
+    pairing: str
+    strict: bool
+    max_length: int
+    max_prompt_length: int
+    chat_template: bool
+    append_eos: bool
 
 
 @dataclass
@@ -26,7 +33,7 @@ class Prepared:
         return f"{self.read_report.summary()}; tokenised: {self.token_report.summary()}"
 
 
-def prepare(source: str, tokenizer, data: DataConfig, *, limit: int = 0) -> Prepared:
+def prepare(source: str, tokenizer, data: DataSettings, *, limit: int = 0) -> Prepared:
     from reprpo.data.readers import load_pairs
 
     pairs, rep = load_pairs(
