@@ -53,7 +53,7 @@ class Registry(Mapping[str, T], Generic[T]):
         """`name` if registered, else a ConfigError listing the registered names."""
         if name not in self._entries:
             msg = self.unknown(name)
-            raise ConfigError(f"{where}: {msg}" if where else msg)
+            raise ConfigError(f"{where}: {msg}" if where and where != self.field else msg)
         return name
 
     def __iter__(self) -> Iterator[str]:
