@@ -46,3 +46,25 @@ def genies_dir():
     if not GENIES.is_dir():
         pytest.skip(f"GENIES data not found at {GENIES}")
     return GENIES
+
+
+@pytest.fixture(scope="module")
+def lora(tiny):
+    """(LoRA model (r 4) with random small B so policy != reference, tokenizer); per test module."""
+    import copy
+
+    import torch
+
+    from reprpo.config import RunConfig, apply_overrides
+    from reprpo.train import make_lora
+
+    model0, tok = tiny
+    cfg = apply_overrides(RunConfig(), {"lora.r": 4}, where="t")
+    torch.manual_seed(0)
+    model = make_lora(copy.deepcopy(model0), cfg)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                torch.nn.init.normal_(p, std=0.02)
+    model.train()
+    return model, tok

@@ -1,7 +1,6 @@
 """projgrad / projbp on the tiny Llama: the maths of each projection, per-pair directions,
 accumulation = large batch, β = 1 = DPO, hooks that always go away."""
 
-import copy
 import math
 from contextlib import nullcontext
 
@@ -22,7 +21,6 @@ from reprpo.methods.gradproj import (
 )
 from reprpo.methods.losses import dpo_loss
 from reprpo.model.forward import adapter_disabled, sequence_logps
-from reprpo.train import make_lora
 
 TEXTS = [
     ("Q: 2+2?", " 4", " 5 or so"),
@@ -42,21 +40,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def lora(tiny):
-    """(LoRA model with random small B so policy != reference, tokenizer)."""
-    model0, tok = tiny
-    cfg = apply_overrides(RunConfig(), {"lora.r": 4}, where="t")
-    torch.manual_seed(0)
-    model = make_lora(copy.deepcopy(model0), cfg)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                torch.nn.init.normal_(p, std=0.02)
-    model.train()
-    return model, tok
 
 
 def _batch(tok, idx):

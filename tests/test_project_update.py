@@ -16,7 +16,6 @@ from reprpo.methods.gradproj import lora_B_weights, projected_update, reference_
 from reprpo.methods.losses import dpo_loss
 from reprpo.methods.presets import build_method, preset_overrides
 from reprpo.model.forward import sequence_logps
-from reprpo.train import make_lora
 
 TEXTS = [
     ("Q: 2+2?", " 4", " 5 or so"),
@@ -28,18 +27,9 @@ LN2 = math.log(2)
 
 
 @pytest.fixture(scope="module")
-def lora0(tiny):
-    """A LoRA model (r 4) with random small B, so policy != reference; tests deep-copy it."""
-    model0, _ = tiny
-    cfg = apply_overrides(RunConfig(), {"lora.r": 4}, where="t")
-    torch.manual_seed(0)
-    model = make_lora(copy.deepcopy(model0), cfg)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                torch.nn.init.normal_(p, std=0.02)
-    model.train()
-    return model
+def lora0(lora):
+    """The shared LoRA model of conftest (random small B, so policy != reference); tests deep-copy it."""
+    return lora[0]
 
 
 def _batch(tok, idx):

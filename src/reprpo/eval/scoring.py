@@ -125,11 +125,9 @@ def base_scores_cached(model, pairs: list[TokenizedPair], *, pad_id: int, batch_
     c = build_ref_cache(model, pairs, pad_id=pad_id, layout=layout, batch_size=batch_size, chunk=chunk)
     row = {int(i): r for r, i in enumerate(c.pair_index.tolist())}
     r = [row[p.index] for p in pairs]
-    from reprpo.methods.scorers import margin_from_logps
-
     cols = {"chosen_logp_sum": c.logp_sum[r, 0], "rejected_logp_sum": c.logp_sum[r, 1],
             "chosen_tokens": c.n_tokens[r, 0], "rejected_tokens": c.n_tokens[r, 1]}
-    margin = margin_from_logps(cols, mean=scorer.name != "logp_sum")
+    margin = scorer.from_logps(cols)
     return finish_scores(pd.DataFrame({"pair": [p.index for p in pairs]} | {k: v.tolist() for k, v in cols.items()}
                                       | {"margin": margin.tolist()}))
 
@@ -150,7 +148,7 @@ def evaluate_splits(model, tokenizer, splits: dict[str, list[TokenizedPair]], *,
         row: dict[str, object] = {"split": split}
         variants = [("base", True)] + ([("adapter", False)] if with_adapter else [])
         for name, disable in variants:
-            if disable and ref_cache and scorer.reference_cache:
+            if disable and ref_cache and scorer.from_logps is not None:
                 df = base_scores_cached(model, pairs, pad_id=pad, batch_size=batch_size, chunk=chunk, **lay)
             elif disable:
                 with adapter_disabled(model):

@@ -141,13 +141,14 @@ class Preset:
 class Scorer:
     """How evaluation scores a pair: fn(model, batch, prefix_store) -> per-pair columns, which
     must include `margin` (b,) (score⁺ − score⁻; correct iff > 0, ties 0.5). The default,
-    `logp_mean`, is ℓ̄⁺ − ℓ̄⁻ (DESIGN §6). `reference_cache`: the base model's scores may come
-    from the offline reference cache (log-prob scorers only)."""
+    `logp_mean`, is ℓ̄⁺ − ℓ̄⁻ (DESIGN §6). `from_logps`: for a scorer that is a function of
+    log-prob sums and token counts, that function (cols -> margin), so the base model's scores
+    can come from the offline reference cache; None for any other scorer."""
 
     name: str
     fn: Callable[..., dict[str, torch.Tensor]]
     help: str
-    reference_cache: bool = False
+    from_logps: Callable[[dict[str, torch.Tensor]], torch.Tensor] | None = None
 
 
 KINDS: Registry[MethodKind] = Registry("method kind")

@@ -14,7 +14,6 @@ from typing import Any
 
 from reprpo.config import RunConfig, apply_overrides
 from reprpo.data.readers import PAIRINGS
-from reprpo.errors import ConfigError
 from reprpo.methods import grad, output, representation, scorers, sft, tdpo  # noqa: F401 - registers kinds, presets, scorers
 from reprpo.methods.base import KINDS, PRESETS, SCORERS, Method, Preset
 from reprpo.methods.repr_losses import REPR_LOSSES
@@ -111,5 +110,5 @@ def preset_note(cfg: RunConfig) -> str:
     return f"note: method {cfg.train.method} with {', '.join(changed)} set explicitly (the preset's values were replaced)."
 
 
-__all__ = ["KINDS", "PRESETS", "REGISTRY_FIELDS", "ConfigError", "build_method", "check_config", "init_loss",
+__all__ = ["KINDS", "PRESETS", "REGISTRY_FIELDS", "build_method", "check_config", "init_loss",
            "preset", "preset_names", "preset_note", "preset_overrides", "resolve_config", "scorer_of", "search_space"]

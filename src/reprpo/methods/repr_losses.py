@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from reprpo.methods.base import BETA, LAYERS
 from reprpo.registry import Registry
 
 Metrics = dict[str, Tensor]
@@ -272,23 +273,21 @@ class ReprLossSpec:
         return self.token_fn is not None
 
 
-_LAYERS = {"method.layers": ("cat", ["0.3", "0.5", "0.7", "0.4,0.6,0.8"])}
-_BETA = {"train.beta": ("log", 0.01, 1.0)}
 REPR_LOSSES: Registry[ReprLossSpec] = Registry("representation loss", field="method.loss")
 REPR_LOSSES.add("mse", ReprLossSpec("mse", mse_loss, {"alpha": 1.0}, init=1.0,
-                                    space=_LAYERS | {"method.alpha": ("log", 0.1, 10.0)}))
+                                    space=LAYERS | {"method.alpha": ("log", 0.1, 10.0)}))
 REPR_LOSSES.add("prefvec", ReprLossSpec(
     "prefvec", prefvec_loss, {"beta_p": 1.0, "lambda_o": 1.0, "lambda_c": 0.0}, dpo_weight=1.0,
-    space=_BETA | _LAYERS | {"method.beta_p": ("log", 0.1, 10.0), "method.lambda_o": ("log", 0.01, 10.0)}))
+    space=BETA | LAYERS | {"method.beta_p": ("log", 0.1, 10.0), "method.lambda_o": ("log", 0.01, 10.0)}))
 # β 1 and α 1 are ours (DESIGN leaves them open). The earlier code's "α 0.25" weighted a different
 # (DPO-retain) term. At small shifts the anchor is second order in the shift while the rank term
 # is first order, so α acts as a trust region.
 REPR_LOSSES.add("rank", ReprLossSpec(
     "rank", rank_loss, {"beta": 1.0, "alpha": 1.0}, token_fn=rank_token_fn,
-    space=_LAYERS | {"method.alpha": ("log", 0.1, 10.0), "method.rank_beta": ("log", 0.1, 10.0)}))
+    space=LAYERS | {"method.alpha": ("log", 0.1, 10.0), "method.rank_beta": ("log", 0.1, 10.0)}))
 REPR_LOSSES.add("innerdpo", ReprLossSpec(
     "innerdpo", innerdpo_term, {"beta_h": 1.0, "align": "proj", "eps": 1e-3}, dpo_weight=1.0, dpo_required=True,
-    space=_BETA | _LAYERS | {"method.repr_weight": ("log", 0.1, 10.0), "method.beta_h": ("log", 0.1, 10.0)}))
+    space=BETA | LAYERS | {"method.repr_weight": ("log", 0.1, 10.0), "method.beta_h": ("log", 0.1, 10.0)}))
 REPR_LOSSES.add("innerpo", ReprLossSpec(
     "innerpo", innerpo_term, {"beta_h": 1.0}, dpo_weight=1.0, dpo_required=True,
-    space=_BETA | _LAYERS | {"method.repr_weight": ("log", 0.1, 10.0), "method.beta_h": ("log", 0.1, 10.0)}))
+    space=BETA | LAYERS | {"method.repr_weight": ("log", 0.1, 10.0), "method.beta_h": ("log", 0.1, 10.0)}))

@@ -42,5 +42,6 @@ def logp_sum_score(model, batch: PairBatch, *, chunk: int = 2048, prefix_store: 
     return cols | {"margin": margin_from_logps(cols, mean=False)}
 
 
-SCORERS.add("logp_mean", Scorer("logp_mean", logp_mean_score, "ℓ̄⁺ − ℓ̄⁻ (default)", reference_cache=True))
-SCORERS.add("logp_sum", Scorer("logp_sum", logp_sum_score, "ℓ⁺ − ℓ⁻", reference_cache=True))
+SCORERS.add("logp_mean", Scorer("logp_mean", logp_mean_score, "ℓ̄⁺ − ℓ̄⁻ (default)",
+                                from_logps=lambda cols: margin_from_logps(cols, mean=True)))
+SCORERS.add("logp_sum", Scorer("logp_sum", logp_sum_score, "ℓ⁺ − ℓ⁻", from_logps=lambda cols: margin_from_logps(cols, mean=False)))

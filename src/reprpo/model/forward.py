@@ -189,9 +189,7 @@ def sequence_logps(model, batch: PairBatch, *, chunk: int = 2048, full_logits: b
         lp = token_logps(head, hidden[in_row[first], pred[first]], targets[first], chunk=chunk, softcap=softcap)[inv]
     else:
         lp = token_logps(head, hidden[in_row, pred], targets, chunk=chunk, softcap=softcap)  # (n,)
-    r = batch.response_mask.shape[0]
-    logp_sum = torch.zeros(r, dtype=lp.dtype, device=lp.device).index_add(0, out_row, lp)
-    return SeqLogps(logp_sum=logp_sum, n_tokens=batch.response_mask.sum(1))
+    return SeqLogps(logp_sum=row_sums(lp, out_row, batch.response_mask.shape[0]), n_tokens=batch.response_mask.sum(1))
 
 
 @contextmanager
