@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 import textwrap
+from contextlib import nullcontext
 from pathlib import Path
 
 from reprpo.config import (
@@ -33,17 +34,40 @@ def build_config(args, *, base: RunConfig | None = None) -> RunConfig:
     return resolve_config((str(args.config), yaml_values), ("command line", over), method=getattr(args, "method", None), base=base)
 
 
+def resume_run_dir(args) -> Path:
+    """The run directory `--resume` continues: --out, else DIR (a run, or its checkpoints/step-N)."""
+    if args.out or args.resume == "auto":
+        if not args.out:
+            raise ReprpoError("--resume auto: pass the run directory with --out, or give it: --resume RUN_DIR.")
+        return Path(args.out)
+    p = Path(args.resume)
+    return p.parent.parent if p.parent.name == "checkpoints" else p
+
+
 def cmd_train(args) -> int:
     from reprpo.eval.scoring import evaluate_run, markdown_table
-    from reprpo.train import train
+    from reprpo.rundir import check_out_dir, run_lock
+    from reprpo.train import default_out, train
 
-    cfg = build_config(args)
-    out = train(cfg)
-    print(f"adapter, config and metrics saved to {out}")
-    if cfg.eval.after_train:
-        table, _ = evaluate_run(cfg, adapter_dir=out, out=out / "eval")
-        print(markdown_table(table))
-        print(f"per-pair scores: {out / 'eval'}")
+    base = None
+    if args.resume:  # the run's own config.yaml is the base: `reprpo train --resume RUN` needs nothing else
+        run = resume_run_dir(args)
+        if (run / "config.yaml").is_file():
+            from reprpo.config import from_dict
+
+            base = from_dict(load_yaml(run / "config.yaml"), where=str(run / "config.yaml"))
+            base.out = str(run)
+    cfg = build_config(args, base=base)
+    out = Path(cfg.out) if cfg.out else default_out(cfg)
+    cfg.out = str(out)
+    check_out_dir(out)
+    with run_lock(out):  # held through the evaluation, which writes OUT/eval
+        train(cfg, resume=args.resume)
+        print(f"adapter, config and metrics saved to {out}")
+        if cfg.eval.after_train:
+            table, _ = evaluate_run(cfg, adapter_dir=out, out=out / "eval")
+            print(markdown_table(table))
+            print(f"per-pair scores: {out / 'eval'}")
     return 0
 
 
@@ -59,9 +83,14 @@ def cmd_eval(args) -> int:
         base = from_dict(load_yaml(run / "config.yaml"), where=str(run / "config.yaml"))
         base.out = ""
     cfg = build_config(args, base=base)
+    from reprpo.data.shifts import check_sources
+    from reprpo.rundir import run_lock
+
     adapter = None if args.base_only or not args.run else args.run
     out = Path(args.out) if args.out else (Path(args.run) / "eval" if args.run else Path("runs") / "eval-base")
-    table, _ = evaluate_run(cfg, adapter_dir=adapter, out=out)
+    check_sources(cfg.data.shift, cfg.data.train, cfg.data.eval)  # before the model loads
+    with run_lock(Path(args.run)) if args.run else nullcontext():  # no `train` may rewrite the run meanwhile
+        table, _ = evaluate_run(cfg, adapter_dir=adapter, out=out)
     print(markdown_table(table))
     print(f"summary and per-pair scores: {out}")
     return 0
@@ -149,10 +178,20 @@ def cmd_compare(args) -> int:
         except Exception as e:  # the runs are safe in the store; the report can be redone
             print(f"reprpo: report failed ({type(e).__name__}: {e}); rerun `reprpo report --store {store_path}`", file=sys.stderr)
     con = store.connect(store_path)
-    failed = [r for r, status in store.run_statuses(con, ids).items() if status == "failed"]
-    con.close()
-    if failed:
-        print(f"{len(failed)} run(s) failed; errors in the store (runs.error). Rerun the same command to retry them.", file=sys.stderr)
+    try:
+        failed = store.failed_runs(con, ids)
+    finally:
+        con.close()
+    recurring = {r: e for r, e in failed.items() if store.error_kind(e) == store.RECURRING}
+    if recurring:  # a ReprpoError (bad config or data, diverged, missing model): retrying will not help
+        print(f"{len(recurring)} run(s) failed with errors that will recur with these settings; fix each "
+              f"cause first (full text in {store_path}, runs.error):", file=sys.stderr)
+        for r, e in recurring.items():
+            print(f"  {r}: {store.error_headline(e)}", file=sys.stderr)
+    if len(failed) > len(recurring):
+        what = "failed otherwise" if recurring else "failed"
+        print(f"{len(failed) - len(recurring)} run(s) {what}; errors in the store (runs.error). "
+              "Rerun the same command to retry them.", file=sys.stderr)
     return 1 if failed else 0
 
 
@@ -184,7 +223,9 @@ def parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train an adapter (then evaluate it on the eval splits)", description="Train a LoRA adapter from preference pairs; by default then evaluates base vs adapter on train/test/oos/rnd.", epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
     t.add_argument("method", nargs="?", default=None, help="method preset (default: dpo); listed below")
     t.add_argument("--config", help="YAML config file (sections model, data, lora, train, eval)")
-    t.add_argument("--out", help="output directory (adapter, config.yaml, metrics.csv, tb/, eval/)")
+    t.add_argument("--out", help="output directory (adapter, config.yaml, metrics.csv, tb/, eval/, checkpoints/); an earlier run there is cleared unless --resume")
+    t.add_argument("--resume", nargs="?", const="auto", default=None, metavar="DIR|auto",
+                   help="continue from a checkpoint (--train.save_every N writes them): `auto` (also bare --resume) = the newest in --out, if any; DIR = a run directory or one of its checkpoints/step-N. The settings must be the run's own")
     add_config_arguments(t, choices=registry_choices())
     t.set_defaults(func=cmd_train)
 

@@ -73,6 +73,9 @@ class TrainConfig:
     device: str = F("auto", "auto | cpu | cuda | mps (accelerate places the model)")
     mixed_precision: str = F("no", "accelerate mixed precision: no | bf16 | fp16")
     log_every: int = F(1, "log metrics every N optimiser steps")
+    save_every: int = F(0, "write a checkpoint (adapter, optimiser, scheduler, data position, RNG) to OUT/checkpoints/step-N every N optimiser steps, for `--resume` (0 = off)")
+    keep_checkpoints: int = F(2, "keep the newest N checkpoints (older ones are deleted)")
+    max_bad_steps: int = F(3, "a step whose loss or gradient norm is not finite makes no update; training stops (no adapter saved) at this many in a row")
     progress: bool = F(True, "show a tqdm progress bar")
 
 
@@ -256,18 +259,40 @@ def from_dict(d: dict[str, Any], *, where: str = "config") -> RunConfig:
 
 
 def validate(cfg: RunConfig) -> None:
-    """Cross-field checks, with the field named in each message."""
+    """Range and cross-field checks, with the field, the value and the allowed range in each message."""
+    import math
+
     from reprpo.data.readers import PAIRINGS  # a light module (no torch); config sits above data
 
     d, t = cfg.data, cfg.train
     PAIRINGS.check(d.pairing, where="data.pairing")
+    for sec in SECTIONS:  # NaN / inf pass every range check below (nan <= 0 is False): reject them first
+        obj = getattr(cfg, sec)
+        for f in dataclasses.fields(obj):
+            v = getattr(obj, f.name)
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(f"{sec}.{f.name} must be a finite number, got {v}.")
     if d.max_length <= 1:
-        raise ConfigError("data.max_length must be > 1.")
+        raise ConfigError(f"data.max_length must be > 1, got {d.max_length}.")
     if not 0 < d.max_prompt_length < d.max_length:
         raise ConfigError(f"data.max_prompt_length ({d.max_prompt_length}) must be > 0 and < data.max_length ({d.max_length}), to leave room for the response.")
-    for name, v in (("train.batch_size", t.batch_size), ("train.grad_accum", t.grad_accum), ("lora.r", cfg.lora.r)):
+    for name, v in (("train.batch_size", t.batch_size), ("train.grad_accum", t.grad_accum), ("lora.r", cfg.lora.r),
+                    ("train.log_every", t.log_every), ("train.keep_checkpoints", t.keep_checkpoints),
+                    ("train.max_bad_steps", t.max_bad_steps)):
         if v < 1:
             raise ConfigError(f"{name} must be >= 1, got {v}.")
+    for name, v, zero in (("train.max_steps", t.max_steps, "0 = run train.epochs"), ("train.save_every", t.save_every, "0 = off"),
+                          ("data.n_train", d.n_train, "0 = all"),
+                          ("data.n_eval", d.n_eval, "0 = all"), ("train.weight_decay", t.weight_decay, "0 = none"),
+                          ("train.max_grad_norm", t.max_grad_norm, "0 = no clipping")):
+        if v < 0:
+            raise ConfigError(f"{name} must be >= 0{f' ({zero})' if zero else ''}, got {v}.")
+    for name, v in (("train.lr", t.lr), ("train.beta", t.beta), ("train.epochs", t.epochs), ("lora.alpha", cfg.lora.alpha)):
+        if v <= 0:
+            raise ConfigError(f"{name} must be > 0, got {v}.")
+    for name, v in (("lora.dropout", cfg.lora.dropout), ("method.outlier_quantile", cfg.method.outlier_quantile)):
+        if not 0 <= v < 1:
+            raise ConfigError(f"{name} must be in [0, 1), got {v}.")
     if cfg.eval.batch_size < 0:
         raise ConfigError(f"eval.batch_size must be >= 1, or 0 for auto, got {cfg.eval.batch_size}.")
     if cfg.eval.workers < 0:
@@ -276,8 +301,6 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"train.schedule must be cosine, linear or constant, got {t.schedule!r}.")
     if not 0 <= t.warmup_ratio < 1:
         raise ConfigError(f"train.warmup_ratio must be in [0, 1), got {t.warmup_ratio}.")
-    if t.lr <= 0:
-        raise ConfigError(f"train.lr must be > 0, got {t.lr}.")
     if cfg.speed.packed_attention not in ("auto", "eager", "sdpa", "blocks"):
         raise ConfigError(f"speed.packed_attention must be auto, eager, sdpa or blocks, got {cfg.speed.packed_attention!r}.")
     if cfg.method.project not in ("grad", "update"):

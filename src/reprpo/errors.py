@@ -15,3 +15,8 @@ class ConfigError(ReprpoError):
 
 class ModelError(ReprpoError):
     """A model could not be found, downloaded or converted."""
+
+
+class TrainingError(ReprpoError):
+    """Training cannot go on: non-finite losses or gradients, a run directory in use, a
+    checkpoint that does not match the run."""

@@ -8,6 +8,8 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shutil
+import sys
 import time
 from datetime import datetime
 from pathlib import Path
@@ -17,7 +19,7 @@ import torch
 from reprpo.config import RunConfig, save_yaml
 from reprpo.data.prepare import prepare
 from reprpo.data.shifts import data_sources
-from reprpo.errors import ConfigError
+from reprpo.errors import ConfigError, TrainingError
 from reprpo.methods import build_method
 from reprpo.methods.gradproj import lora_modules
 from reprpo.methods.presets import preset_note
@@ -56,11 +58,25 @@ class LengthGroupedBatches:
     def __init__(self, lengths: list[int], *, batch_size: int, seed: int, group: bool = True, window: int = 16, shuffle: bool = True):
         self.lengths, self.bs, self.group, self.window, self.shuffle = lengths, batch_size, group, window, shuffle
         self.gen = torch.Generator().manual_seed(seed)
+        self.epoch_start = self.gen.get_state()  # generator state when the current epoch began
+        self._skip = 0
+
+    def resume(self, epoch_start: torch.Tensor, *, skip: int) -> None:
+        """Continue an epoch: the generator as it began, its first `skip` batches left out."""
+        self.gen.set_state(epoch_start)
+        self._skip = skip
 
     def __len__(self) -> int:
         return math.ceil(len(self.lengths) / self.bs)
 
     def __iter__(self):
+        skip, self._skip = self._skip, 0
+        self.epoch_start = self.gen.get_state()
+        for i, batch in enumerate(self._batches()):
+            if i >= skip:
+                yield batch
+
+    def _batches(self):
         if not self.shuffle:  # file order, fixed batches
             yield from ([*range(i, min(i + self.bs, len(self.lengths)))] for i in range(0, len(self.lengths), self.bs))
             return
@@ -94,21 +110,28 @@ def make_scheduler(optimizer, *, schedule: str, warmup: int, total: int):
 class MetricsLog:
     """One row per logged step to metrics.csv and TensorBoard."""
 
-    def __init__(self, out: Path):
+    def __init__(self, out: Path, *, rows: list[dict[str, float]] = (), purge_step: int | None = None):
+        """`rows`: the rows of a resumed run so far (metrics.csv is rewritten with them, and
+        TensorBoard drops what an interrupted attempt logged from `purge_step` on)."""
         from torch.utils.tensorboard import SummaryWriter
 
         self.path = out / "metrics.csv"
-        self.tb = SummaryWriter(str(out / "tb"))
+        self.tb = SummaryWriter(str(out / "tb"), purge_step=purge_step if rows else None)
         self._fh = None
         self._writer = None
+        for row in rows:
+            self._row(row)
 
-    def write(self, row: dict[str, float]) -> None:
+    def _row(self, row: dict[str, float]) -> None:
         if self._writer is None:
             self._fh = self.path.open("w", newline="")
             self._writer = csv.DictWriter(self._fh, fieldnames=list(row))
             self._writer.writeheader()
         self._writer.writerow(row)
         self._fh.flush()
+
+    def write(self, row: dict[str, float]) -> None:
+        self._row(row)
         for k, v in row.items():
             if k != "step":
                 self.tb.add_scalar(k, v, int(row["step"]))
@@ -119,17 +142,79 @@ class MetricsLog:
         self.tb.close()
 
 
-def train(cfg: RunConfig) -> Path:
-    """Train an adapter as `cfg` says; returns the output directory."""
+def _finite(row: dict[str, float]) -> bool:
+    return all(math.isfinite(v) for k, v in row.items() if k not in ("step", "epoch", "bad_steps"))
+
+
+def _adapter_tensors(model) -> dict[str, torch.Tensor]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _nonfinite(tensors: dict[str, torch.Tensor]) -> list[str]:
+    return sorted(n for n, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all())
+
+
+def find_checkpoint(out: Path, resume: str) -> Path | None:
+    """`--resume auto`: the newest checkpoint of `out` (None if there is none); `--resume DIR`:
+    that checkpoint directory, or the newest one of that run directory."""
+    from reprpo import checkpoint as ckpt
+
+    if resume == "auto":
+        found = ckpt.checkpoints(out)
+        return found[-1] if found else None
+    p = Path(resume)
+    if (p / ckpt.META).is_file():
+        return p
+    found = ckpt.checkpoints(p)
+    if not found:
+        raise TrainingError(f"--resume {resume}: no checkpoint there (expected a run directory with checkpoints/step-N, "
+                            "or a step-N directory). Train with --train.save_every N to write them.")
+    return found[-1]
+
+
+def train(cfg: RunConfig, *, resume: str | None = None) -> Path:
+    """Train an adapter as `cfg` says; returns the output directory.
+
+    `resume`: None starts clean (an earlier run in `cfg.out` is cleared); "auto" continues from
+    the newest checkpoint in `cfg.out` when there is one (else starts clean); a path continues
+    from that checkpoint. The run directory is locked while training writes it."""
+    from reprpo.rundir import check_out_dir, run_lock
+
+    out = Path(cfg.out) if cfg.out else default_out(cfg)
+    cfg.out = str(out)
+    check_out_dir(out)  # before anything loads: a bad --out costs nothing
+    with run_lock(out):
+        return _train(cfg, out, resume)
+
+
+def _train(cfg: RunConfig, out: Path, resume: str | None) -> Path:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
+    from reprpo import checkpoint as ckpt
+    from reprpo.data.shifts import check_sources
+    from reprpo.rundir import start_clean
+
     t0 = time.time()
-    out = Path(cfg.out) if cfg.out else default_out(cfg)
-    cfg.out = str(out)
     tc = cfg.train
+    # fail fast: the checkpoint to resume and every data source are checked before the model loads
+    start = find_checkpoint(out, resume) if resume else None
+    state, meta = None, None
+    if start is not None:
+        state, meta = ckpt.read_checkpoint(start)
+        ckpt.check_matches(meta, cfg, path=start)
+    check_sources(cfg.data.shift, cfg.data.train, cfg.data.eval)
     acc = Accelerator(cpu=device_type(tc.device) == "cpu", mixed_precision=tc.mixed_precision, gradient_accumulation_steps=tc.grad_accum)
+    if start is None:
+        if acc.is_main_process and start_clean(out):
+            acc.print(f"{out}: held an earlier run; cleared (pass --resume auto to continue a run instead)")
+    else:
+        if acc.is_main_process:  # what the checkpoint does not cover is redone
+            shutil.rmtree(out / "eval", ignore_errors=True)
+        if acc.process_index:
+            state, meta = ckpt.read_checkpoint(start, rank=acc.process_index)
+    acc.wait_for_everyone()
     set_seed(tc.seed)
     if cfg.speed.keep_memory:
         keep_freed_memory()
@@ -175,74 +260,162 @@ def train(cfg: RunConfig) -> Path:
     params = [p for p in model.parameters() if p.requires_grad] + extra
     optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
     scheduler = make_scheduler(optimizer, schedule=tc.schedule, warmup=int(tc.warmup_ratio * total), total=total)
+
+    # counters of the loop; a checkpoint restores them with everything else it holds
+    c = {"step": 0, "micro": 0, "epoch": 0, "micro_in_epoch": 0, "bad_in_row": 0, "bad_steps": 0,
+         "real_tokens": 0, "padded_tokens": 0, "prefix_saved": 0, "response_shared": 0}
+    rows: list[dict[str, float]] = []  # every logged metrics row, for checkpoints
+    if state is not None:
+        with torch.no_grad():
+            for n, p in _adapter_tensors(model).items():
+                p.copy_(state[f"adapter/{n}"])
+        method.load_state_dict({k[len("method/"):]: v for k, v in state.items() if k.startswith("method/")})
+        ckpt.load_optimizer_state(optimizer, state, meta["optimizer"])
+        scheduler.load_state_dict(meta["scheduler"])
+        c |= meta["counters"]
+        rows = meta["metrics"]
     model, optimizer, loader = acc.prepare(model, optimizer, loader)
+    if state is not None:  # the data position: mid-epoch, the epoch's order with its first batches left out
+        if c["micro_in_epoch"] >= len(loader):  # the checkpoint's step ended an epoch
+            c["epoch"], c["micro_in_epoch"] = c["epoch"] + 1, 0
+            sampler.resume(state["sampler/now"], skip=0)
+            ckpt.set_rng_state(state, meta["rng"])
+            state = None
+        else:
+            sampler.resume(state["sampler/epoch_start"], skip=c["micro_in_epoch"] * acc.num_processes)
 
-    out.mkdir(parents=True, exist_ok=True)
     save_yaml(cfg, out / "config.yaml")
-    log = MetricsLog(out) if acc.is_main_process else None
-    acc.print(f"training {cfg.train.method}: {total} steps x {tc.batch_size * tc.grad_accum} pairs, {n_trainable:,} trainable params -> {out}")
+    log = MetricsLog(out, rows=rows, purge_step=c["step"] + 1) if acc.is_main_process else None
+    where = f"resumed at step {c['step']} from {start}" if start else "->"
+    acc.print(f"training {cfg.train.method}: {total} steps x {tc.batch_size * tc.grad_accum} pairs, {n_trainable:,} trainable params {where} {out}")
 
-    step, micro, window, t_step = 0, 0, [], time.time()
-    real_tokens = padded_tokens = prefix_saved = response_shared = 0
-    bar = tqdm(total=total, disable=not (tc.progress and acc.is_main_process), desc=cfg.train.method)
-    while step < total:
+    def save_checkpoint() -> Path:
+        """Every process's RNG, the main process's the rest; atomic (see reprpo.checkpoint)."""
+        tmp = ckpt.begin_checkpoint(out, c["step"]) if acc.is_main_process else out / "checkpoints" / f".tmp-step-{c['step']}"
+        acc.wait_for_everyone()
+        if acc.process_index:
+            ckpt.write_rng(tmp, acc.process_index)
+        acc.wait_for_everyone()
+        path = out / "checkpoints" / f"step-{c['step']}"
+        if acc.is_main_process:
+            rng_t, rng_m = ckpt.rng_state()
+            opt_t, opt_m = ckpt.optimizer_state(optimizer)
+            tensors = {f"adapter/{n}": p for n, p in _adapter_tensors(acc.unwrap_model(model)).items()}
+            tensors |= {f"method/{k}": v for k, v in method.state_dict().items()} | opt_t | rng_t
+            tensors["sampler/epoch_start"], tensors["sampler/now"] = sampler.epoch_start, sampler.gen.get_state()
+            meta = {"step": c["step"], "counters": c, "metrics": rows, "optimizer": opt_m, "scheduler": scheduler.state_dict(),
+                    "rng": rng_m, "config": ckpt.flat_config(cfg), "code_version": ckpt.code_version()}
+            path = ckpt.finish_checkpoint(tmp, tensors, meta, keep=tc.keep_checkpoints)
+        acc.wait_for_everyone()
+        return path
+
+    last_ckpt = start
+    last_good = next((r for r in reversed(rows) if _finite(r)), None)
+    window, t_step = [], time.time()
+    bar = tqdm(total=total, initial=c["step"], disable=not (tc.progress and acc.is_main_process), desc=cfg.train.method)
+    while c["step"] < total:
         for batch in loader:
+            if state is not None:  # mid-epoch: the RNG as it was after the checkpoint's step, set after
+                # the loader's own draw at the epoch start (which the continued run made before it)
+                ckpt.set_rng_state(state, meta["rng"])
+                state = None
             with acc.accumulate(model):
                 ref = cache.lookup(batch) if cache is not None else None
                 with method.step(model, batch, ref=ref) as ref:  # gradient methods hook forward + backward here
                     per_pair, metrics = method.loss(model, batch, ref=ref)
                     loss = per_pair.mean()
                     acc.backward(loss)
-                real_tokens += batch.n_tokens
-                padded_tokens += batch.n_slots
-                prefix_saved += batch.prefix_len * (batch.n_pairs - 1)
-                response_shared += batch.n_shared_response
+                c["real_tokens"] += batch.n_tokens
+                c["padded_tokens"] += batch.n_slots
+                c["prefix_saved"] += batch.prefix_len * (batch.n_pairs - 1)
+                c["response_shared"] += batch.n_shared_response
                 if extra and acc.num_processes > 1:  # frames live outside the DDP-wrapped model
                     for p in extra:
                         if p.grad is not None:
                             p.grad = acc.reduce(p.grad, reduction="mean")
                 window.append({"loss": loss.detach(), **metrics})
-                micro += 1
+                c["micro"] += 1
+                c["micro_in_epoch"] += 1
                 if acc.sync_gradients:
                     if tc.max_grad_norm > 0:
                         gnorm = acc.clip_grad_norm_(params, tc.max_grad_norm)
                     else:
                         gnorm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
-                lr = scheduler.get_last_lr()[0]
-                optimizer.step()
-                if acc.sync_gradients:
-                    method.after_step(model, optimizer)  # e.g. projgrad's update projection
-                    scheduler.step()
-                optimizer.zero_grad()
+                    # a non-finite loss or gradient norm on any process: no update this step
+                    bad = torch.tensor(float(not (torch.isfinite(gnorm) and all(torch.isfinite(w["loss"]) for w in window))), device=acc.device)
+                    if acc.num_processes > 1:
+                        bad = acc.reduce(bad, reduction="sum")
+                    lr = scheduler.get_last_lr()[0]
+                    if not bad:
+                        optimizer.step()
+                        method.after_step(model, optimizer)  # e.g. projgrad's update projection
+                    scheduler.step()  # a skipped step still uses its slot of the schedule
+                    optimizer.zero_grad()
             if not acc.sync_gradients:
                 continue
-            step += 1
-            row = {"step": step, "epoch": micro / max(1, len(loader))}
+            c["step"] += 1
+            step = c["step"]
+            if bad:
+                c["bad_in_row"] += 1
+                c["bad_steps"] += 1
+            else:
+                c["bad_in_row"] = 0
+            row = {"step": step, "epoch": c["micro"] / max(1, len(loader))}
             row |= {k: float(torch.stack([w[k] for w in window]).mean()) for k in window[0]}
             row |= {"grad_norm": float(gnorm), "lr": lr, "sec_per_step": time.time() - t_step,
-                    "pad_waste": 1.0 - real_tokens / max(1, padded_tokens)}
+                    "pad_waste": 1.0 - c["real_tokens"] / max(1, c["padded_tokens"]), "bad_steps": c["bad_steps"]}
             window, t_step = [], time.time()
-            if log and (step % tc.log_every == 0 or step == total):
+            if bad and acc.is_main_process:
+                print(f"reprpo: step {step}: loss {row['loss']:.4g}, grad norm {row['grad_norm']:.4g}: not finite, no update "
+                      f"({c['bad_in_row']} in a row, {c['bad_steps']} in all; stops at train.max_bad_steps={tc.max_bad_steps} in a row)",
+                      file=sys.stderr)
+            else:
+                last_good = row
+            if log and (step % tc.log_every == 0 or step == total or bad):
+                rows.append(row)
                 log.write(row)
+            # stop at max_bad_steps in a row, and never end on a step whose loss was not finite
+            if c["bad_in_row"] >= tc.max_bad_steps or (c["bad_in_row"] and step >= total):
+                bar.close()
+                if log:
+                    log.close()
+                shown = ", ".join(f"{k} {v:.4g}" for k, v in last_good.items() if k in ("loss", "grad_norm", "lr")) if last_good else "none"
+                raise TrainingError(
+                    f"step {step}: loss or gradient norm not finite for {c['bad_in_row']} steps in a row "
+                    f"({'train.max_bad_steps=' + str(tc.max_bad_steps) if step < total else 'up to the last step'}); no adapter saved. "
+                    f"Last finite metrics: {'step ' + str(int(last_good['step'])) + ': ' if last_good else ''}{shown}. Last good checkpoint: "
+                    f"{last_ckpt or 'none (write them with --train.save_every N)'}. Lower --train.lr (now {tc.lr:g}), "
+                    "or check the data and method settings.")
             bar.update(1)
             bar.set_postfix({"loss": f"{row['loss']:.4f}"} | ({"margin": f"{row['rewards/margin']:.3f}"} if "rewards/margin" in row else {}))
+            if tc.save_every and step % tc.save_every == 0 and not c["bad_in_row"]:
+                last_ckpt = save_checkpoint()
             if step >= total:
                 break
+        else:  # the epoch ran out
+            c["epoch"] += 1
+            c["micro_in_epoch"] = 0
     bar.close()
 
     # save: the adapter (AutoPeftModelForCausalLM loads it), tokenizer, config, report
     acc.wait_for_everyone()
     if acc.is_main_process:
         log.close()
-        acc.unwrap_model(model).save_pretrained(out)
+        final = acc.unwrap_model(model)
+        if bad_names := _nonfinite(_adapter_tensors(final) | dict(method.state_dict())):
+            raise TrainingError(f"the trained adapter holds non-finite values ({', '.join(bad_names[:3])}); not saved as a result. "
+                                f"Lower --train.lr (now {tc.lr:g}).")
+        final.save_pretrained(out)
         tok.save_pretrained(out)
         if len(method.state_dict()):
             torch.save(method.state_dict(), out / "method_state.pt")  # frames / pca bases
         report = {
-            "steps": step, "pairs_seen": micro * tc.batch_size, "trainable_params": n_trainable,
-            "layout": "shared-prompt" if layout.packed else "padded", "layout_detail": layout.describe(), "attention": layout.attention, "batch_prefix_tokens_saved": prefix_saved,
-            "response_tokens_shared": response_shared, "reference_cache": cache is not None,
-            "reference_cache_seconds": t_cache, "pad_waste": 1.0 - real_tokens / max(1, padded_tokens),
+            "steps": c["step"], "pairs_seen": c["micro"] * tc.batch_size, "trainable_params": n_trainable,
+            "bad_steps": c["bad_steps"], "resumed_from": str(start) if start else None,
+            "layout": "shared-prompt" if layout.packed else "padded", "layout_detail": layout.describe(), "attention": layout.attention,
+            "batch_prefix_tokens_saved": c["prefix_saved"], "response_tokens_shared": c["response_shared"],
+            "reference_cache": cache is not None, "reference_cache_seconds": t_cache,
+            "pad_waste": 1.0 - c["real_tokens"] / max(1, c["padded_tokens"]),
             "seconds": time.time() - t0, "data": {"source": train_src, "summary": data.summary(),
             "dropped": dict(data.read_report.dropped), "tokenize": vars(data.token_report) | {"dropped": dict(data.token_report.dropped)}},
         }

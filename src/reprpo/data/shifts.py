@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from reprpo.errors import ConfigError
+from reprpo.errors import ConfigError, DataError
 
 SPLITS = ("train", "test", "oos", "rnd")
 
@@ -82,3 +82,63 @@ def data_sources(*, shift: str, train: str, eval_splits: dict[str, str]) -> tupl
     if not train:
         raise ConfigError("Set data.train (a data source) or data.shift (a named shift).")
     return train, eval_splits or {"train": train}
+
+
+def check_sources(shift: str, train: str, eval_splits: dict[str, str]) -> None:
+    """Check every source a run needs (as `data_sources` resolves them) before any model loads.
+
+    A file must exist, be a readable file and have a suffix a reader knows;
+    `builtin:DIST/SPLIT` must name a built-in distribution and split. `hf:` sources are not
+    checked: that needs the Hub (or its cache) and can be slow, so they fail when read.
+    Raises DataError (ConfigError for an unknown shift) naming the split, the source and the fix.
+    """
+    train_src, splits = data_sources(shift=shift, train=train, eval_splits=eval_splits)
+    from_shift = f"data.shift {shift}"
+    needed = [(f"training data ({'data.train' if train else from_shift})", train_src,
+               "data.train" if train else "data.shift")]
+    for name, src in splits.items():
+        if eval_splits:
+            needed.append((f"data.eval {name}", src, "data.eval"))
+        elif shift:
+            needed.append((f"eval split {name} of {from_shift}", src, "data.shift"))
+        else:  # no shift, no data.eval: the training data is the only split
+            needed.append((f"eval split {name} (= data.train)", src, "data.train"))
+    seen: set[str] = set()
+    for label, src, field in needed:
+        if src not in seen:
+            seen.add(src)
+            _check_source(src, label=label, field=field)
+
+
+def _check_source(src: str, *, label: str, field: str) -> None:
+    if src.startswith("hf:"):
+        return
+    if src.startswith("builtin:"):
+        from reprpo.data.builtin import DISTRIBUTIONS, SIZES
+
+        dist, sep, split = src.removeprefix("builtin:").partition("/")
+        if not (dist and sep and split):
+            raise DataError(f"{label}: bad built-in source {src!r}: expected `builtin:DIST/SPLIT`; fix {field}.")
+        if dist not in DISTRIBUTIONS:
+            raise DataError(f"{label}: {src}: unknown built-in distribution {dist!r}; fix {field}. "
+                            f"Known: {', '.join(DISTRIBUTIONS)} (`reprpo shifts list`).")
+        if split not in SIZES:
+            raise DataError(f"{label}: {src}: unknown split {split!r} of builtin:{dist}; fix {field}. "
+                            f"Known splits: {', '.join(SIZES)}.")
+        return
+    from reprpo.data.readers import READERS
+
+    path = Path(src)
+    fix = f"fix the path in {field}" if field != "data.shift" else "add the file or pick another shift"
+    if not path.exists():
+        raise DataError(f"{label}: data file {path} not found; {fix}.")
+    if path.is_dir():
+        raise DataError(f"{label}: {path} is a directory, not a data file; {fix}.")
+    if path.suffix.lower() not in READERS:
+        raise DataError(f"{label}: {path}: unknown data file type {path.suffix!r}, expected one of "
+                        f"{', '.join(READERS)}; convert or rename it.")
+    try:
+        with path.open("rb") as f:
+            f.read(1)
+    except OSError as e:
+        raise DataError(f"{label}: cannot read {path} ({e.strerror}); fix its permissions or {fix}.") from e

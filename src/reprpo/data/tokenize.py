@@ -2,7 +2,8 @@
 
 Prompt and responses are tokenised separately (so the response mask is exact): the prompt is
 cut from the left to `max_prompt_length`, then each response from the right so that
-prompt + response <= `max_length`. Counts of truncated and dropped pairs are reported.
+prompt + response <= `max_length`. Counts of truncated and dropped pairs (an empty response;
+chosen and rejected the same tokens) are reported.
 """
 
 from __future__ import annotations
@@ -74,7 +75,12 @@ def tokenize_pairs(
     chat_template: bool = False,
     append_eos: bool = True,
 ) -> tuple[list[TokenizedPair], TokenizeReport]:
-    """Tokenise pairs with truncation; a pair whose response would be empty is dropped (counted)."""
+    """Tokenise pairs with truncation. Dropped, with a count by reason in `rep.dropped`: a pair whose
+    response would be empty, and one whose responses differ as text but not as tokens (zero DPO
+    gradient, a tied eval score): they tokenise alike, or truncation cut them to the same tokens.
+
+    Pairs with equal texts are not dropped here: the readers drop them (`pairs.check_pair`), so
+    counting them again would double-count, and tests build such pairs on purpose."""
     rep = TokenizeReport(n_pairs=len(pairs))
     eos = [tokenizer.eos_token_id] if append_eos and tokenizer.eos_token_id is not None else []
     out: list[TokenizedPair] = []
@@ -85,6 +91,10 @@ def tokenize_pairs(
         pids = tokenizer(ptext, add_special_tokens=add_special)["input_ids"] if ptext else []
         c = tokenizer(p.chosen, add_special_tokens=False)["input_ids"] + eos
         r = tokenizer(p.rejected, add_special_tokens=False)["input_ids"] + eos
+        same_text = p.chosen == p.rejected
+        if c and c == r and not same_text:  # (both empty: counted as empty below)
+            rep.dropped["chosen and rejected differ as text but tokenise identically"] += 1
+            continue
         pt = len(pids) > max_prompt_length
         if pt:
             pids = pids[-max_prompt_length:]  # keep the end of the prompt, next to the response
@@ -93,6 +103,9 @@ def tokenize_pairs(
         c, r = c[:budget], r[:budget]
         if not c or not r:
             rep.dropped["response empty after tokenisation/truncation"] += 1
+            continue
+        if c == r and not same_text:
+            rep.dropped["chosen and rejected identical after truncation (raise data.max_length)"] += 1
             continue
         rep.prompt_truncated += pt
         rep.chosen_truncated += ct

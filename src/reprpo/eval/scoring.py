@@ -19,6 +19,7 @@ import torch
 
 from reprpo.data.layout import PADDED, Layout
 from reprpo.data.tokenize import TokenizedPair
+from reprpo.errors import TrainingError
 from reprpo.eval.stats import delta_pp, ppl_ratio
 from reprpo.methods.base import SCORERS, Scorer
 from reprpo.model import forward
@@ -106,8 +107,37 @@ def finish_scores(df: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
-def summarize(df: pd.DataFrame) -> dict[str, float]:
-    """accuracy (ties 0.5), mean margin of ℓ̄, chosen perplexity = exp(−mean ℓ̄⁺) (geometric mean)."""
+SCORE_COLUMNS = ("margin", "chosen_logp_sum", "rejected_logp_sum", "chosen_logp_mean", "rejected_logp_mean")
+
+
+def check_finite(df: pd.DataFrame, *, split: str | None = None, model: str | None = None) -> None:
+    """Raise TrainingError when any pair's score (margin, log-probs) is NaN or ±inf.
+
+    A NaN margin is not > 0, so it would count as "wrong" and give an accuracy that looks real.
+    `split` / `model` default to the frame's `split` / `model` columns (evaluate_splits adds them)."""
+    cols = [c for c in SCORE_COLUMNS if c in df]
+    if df.empty or not cols:
+        return
+    bad = ~np.isfinite(df[cols].to_numpy(dtype=float)).all(axis=1)
+    if not bad.any():
+        return
+    split = split or (str(df.split.iloc[0]) if "split" in df else None)
+    model = model or (str(df.model.iloc[0]) if "model" in df else None)
+    where = ", ".join(f"{k} {v!r}" for k, v in (("split", split), ("model", model)) if v is not None)
+    raise TrainingError(
+        f"Scores of {where or 'a split'}: {int(bad.sum())} of {len(df)} pairs are non-finite "
+        f"(NaN/inf in {', '.join(cols)}), so no accuracy is reported. Likely cause: "
+        + ("a non-finite adapter (check the training run's losses; retrain with a lower lr)"
+           if model == "adapter" else "a corrupt model checkpoint or non-finite weights (re-convert or re-download it)")
+        + ", or a dtype that overflows (try --model.dtype float32)."
+    )
+
+
+def summarize(df: pd.DataFrame, *, split: str | None = None, model: str | None = None) -> dict[str, float]:
+    """accuracy (ties 0.5), mean margin of ℓ̄, chosen perplexity = exp(−mean ℓ̄⁺) (geometric mean).
+
+    Non-finite scores raise TrainingError (`check_finite`) instead of becoming a result."""
+    check_finite(df, split=split, model=model)
     return {
         "n": int(len(df)),
         "accuracy": float(df.correct.mean()),
@@ -158,7 +188,7 @@ def evaluate_splits(model, tokenizer, splits: dict[str, list[TokenizedPair]], *,
             df.insert(0, "model", name)
             df.insert(0, "split", split)
             per_pair.append(df)
-            s = summarize(df)
+            s = summarize(df, split=split, model=name)
             row["n"] = s["n"]
             row |= {f"{name}_{k}": v for k, v in s.items() if k != "n"}
         if with_adapter:

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
+import math
+import os
 import sys
 import time
 import traceback
@@ -20,12 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from reprpo.config import SECTIONS, RunConfig, load_yaml, to_dict
-from reprpo.data.shifts import shift_spec
-from reprpo.errors import ConfigError
+from reprpo.data.shifts import check_sources, shift_spec
+from reprpo.errors import ConfigError, ReprpoError, TrainingError
 from reprpo.experiments import store
 
 # keys that change where or how a run reports, never its results: left out of the run_id
-NOT_IN_RUN_ID = ("out", "train.progress", "eval.after_train", "eval.per_pair_format")
+NOT_IN_RUN_ID = ("out", "train.progress", "train.save_every", "train.keep_checkpoints", "eval.after_train", "eval.per_pair_format")
 
 
 def split_list(text: str) -> list[str]:
@@ -112,7 +113,36 @@ def coherence_rows(metrics: dict[str, dict[str, float]]) -> list[tuple]:
     return [(model, k, float(v)) for model, d in metrics.items() for k, v in d.items()]
 
 
+def check_finite(table: str, rows: list[tuple], *, out: Path) -> None:
+    """Raise TrainingError on the first NaN / inf score among `rows` (columns of store.COLUMNS[table]).
+    Curves are not checked: a key a step did not log is NaN there and is stored as NULL."""
+    cols = store.COLUMNS[table]
+    for r in rows:
+        for c, v in zip(cols, r):
+            if isinstance(v, float) and not math.isfinite(v):
+                where = ", ".join(f"{k} {x}" for k, x in zip(cols, r) if k in ("split", "model", "pair", "metric"))
+                raise TrainingError(f"{out}: non-finite score {c} = {v} in {table} ({where}); the adapter has "
+                                    "probably diverged: lower train.lr or check the data. Nothing was written.")
+
+
 # -- the grid --------------------------------------------------------------------------------
+def resumable(cfg: RunConfig) -> str | None:
+    """"auto" when the run directory holds a checkpoint of this very run (an earlier attempt was
+    killed half-way), else None (start clean). A checkpoint of other code is said and ignored."""
+    from reprpo.checkpoint import check_matches, checkpoints, read_checkpoint
+    from reprpo.errors import TrainingError
+
+    found = checkpoints(Path(cfg.out))
+    if not found:
+        return None
+    try:
+        check_matches(read_checkpoint(found[-1])[1], cfg, path=found[-1])
+    except TrainingError as e:
+        print(f"{cfg.out}: not resuming ({e}); training from the start", file=sys.stderr)
+        return None
+    return "auto"
+
+
 def execute_run(cfg: RunConfig, con, *, run_id: str, owner: str):
     """Train, score, generation-check one claimed run and write it to the store (one
     transaction). Scoring happens here, once (train() itself never evaluates).
@@ -123,19 +153,32 @@ def execute_run(cfg: RunConfig, con, *, run_id: str, owner: str):
     from reprpo.train import train
 
     out = Path(cfg.out)
-    if out.exists():  # a killed attempt's files (TensorBoard events would pile up)
-        shutil.rmtree(out)
     t0 = time.time()
-    train(cfg)
+    train(cfg, resume=resumable(cfg))  # a killed attempt's checkpoint is continued; else its files are cleared
     t1 = time.time()
     table, per_pair = evaluate_run(cfg, adapter_dir=out, out=out / "eval")
     coh = run_coherence(cfg, adapter_dir=out)
     t2 = time.time()
+    scores = {"split_scores": split_rows(table), "pair_scores": pair_rows(per_pair), "coherence": coherence_rows(coh)}
+    for name, rows in scores.items():  # SQLite would store NaN as NULL (or refuse it): never write one
+        check_finite(name, rows, out=out)
     return store.finish_run(
-        con, run_id=run_id, owner=owner, split_rows=split_rows(table), pair_rows=pair_rows(per_pair),
-        curve_rows=curve_rows(out / "metrics.csv"), coherence_rows=coherence_rows(coh),
+        con, run_id=run_id, owner=owner, split_rows=scores["split_scores"], pair_rows=scores["pair_scores"],
+        curve_rows=curve_rows(out / "metrics.csv"), coherence_rows=scores["coherence"],
         train_seconds=t1 - t0, eval_seconds=t2 - t1,
     ), table
+
+
+def check_out_root(out: Path) -> None:
+    """`--out` must be (or become) a directory we can write run directories into."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: is a file, not a directory. Pass --out a new or existing directory, or move the file away.")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--out {out}: cannot create it ({e.strerror}). Pass --out a directory in a place you can write.") from e
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {out}: the directory is not writable. Fix its permissions or pass --out another directory.")
 
 
 def _headline(table) -> str:
@@ -152,8 +195,9 @@ def run_grid(*, methods: list[str], shifts: list[str], seeds: list[int], base: R
 
     overrides: {method: {config key: value}} applied over `base` for that method only.
     Order: seeds outermost, so an interrupted grid has every method for its first seeds.
-    A failing run is marked 'failed' (error text stored) and the grid goes on, unless
-    `fail_fast`. Config errors (unknown method / shift / key) are raised before any run starts.
+    A failing run is marked 'failed' (error text stored, prefixed by its kind: see
+    `store.error_text`) and the grid goes on, unless `fail_fast`. Config errors (unknown method /
+    shift / key) and missing data sources (`check_sources`) are raised before any run starts.
     """
     for name, values in (("--methods", methods), ("--shifts", shifts), ("--seeds", seeds)):
         if not values:
@@ -167,7 +211,7 @@ def run_grid(*, methods: list[str], shifts: list[str], seeds: list[int], base: R
     shifts = [shift_spec(s) for s in shifts]
     for s in shifts:
         resolve_shift(s)  # unknown shift: error now, not after hours of runs
-    grid = []
+    grid, checked = [], set()
     for seed in seeds:
         for shift in shifts:
             for method in methods:
@@ -175,12 +219,18 @@ def run_grid(*, methods: list[str], shifts: list[str], seeds: list[int], base: R
                                        overrides=overrides.get(method))
                 if not progress:
                     cfg.train.progress = False
+                d = cfg.data
+                sources = (d.shift, d.train, tuple(sorted(d.eval.items())))
+                if sources not in checked:  # a missing file: error now, not after every run has trained
+                    check_sources(d.shift, d.train, d.eval)
+                    checked.add(sources)
                 grid.append(cfg)
 
+    check_out_root(Path(out_root))
     say = print if progress else (lambda *a, **k: None)
     con = store.connect(store_path)
     owner = store.owner_id()
-    counts = {"done": 0, "skipped": 0, "busy": 0, "failed": 0}
+    counts = {"done": 0, "skipped": 0, "busy": 0, "failed": 0, "recurring": 0}
     ids = []
     try:
         for i, cfg in enumerate(grid, 1):
@@ -201,11 +251,15 @@ def run_grid(*, methods: list[str], shifts: list[str], seeds: list[int], base: R
             try:
                 ok, table = execute_run(cfg, con, run_id=rid, owner=owner)
             except BaseException as e:
-                store.fail_run(con, run_id=rid, owner=owner, error=traceback.format_exc()[-4000:])
+                recurs = isinstance(e, ReprpoError)  # bad config / data, diverged, missing model
+                kind = store.RECURRING if recurs else store.TRANSIENT
+                store.fail_run(con, run_id=rid, owner=owner, error=store.error_text(kind, e, trace=traceback.format_exc()))
                 if fail_fast or not isinstance(e, Exception):  # Ctrl-C stops the grid
                     raise
-                print(f"{tag}: FAILED: {type(e).__name__}: {e}", file=sys.stderr)  # even without progress
+                why = "will recur with these settings: fix the cause first" if recurs else "rerun to retry"
+                print(f"{tag}: FAILED ({why}): {type(e).__name__}: {e}", file=sys.stderr)  # even without progress
                 counts["failed"] += 1
+                counts["recurring"] += recurs
                 continue
             if ok:
                 say(f"{tag}: done ({_headline(table)})")
@@ -217,5 +271,6 @@ def run_grid(*, methods: list[str], shifts: list[str], seeds: list[int], base: R
         con.close()
     if progress or counts["failed"]:
         print(f"{len(grid)} runs: {counts['done']} run now, {counts['skipped']} already done, "
-              f"{counts['busy']} running elsewhere, {counts['failed']} failed -> {store_path}")
+              f"{counts['busy']} running elsewhere, {counts['failed']} failed ({counts['recurring']} will recur "
+              f"with these settings) -> {store_path}")
     return ids

@@ -3,12 +3,21 @@
 Schema (the contract between `compare`, `report` and `tune`):
 
 runs         one row per (method, shift, seed, settings): run_id is a hash of the resolved
-             config minus output paths; status 'running' | 'done' | 'failed'; added later
-             (by `connect`): owner (host:pid:start), eval_seconds.
+             config minus output paths; status 'running' | 'done' | 'failed'; error (of a
+             failed run) starts with its kind, 'recurring: ' (a ReprpoError: bad config or
+             data, non-finite training, a missing model; the same settings fail again) or
+             'transient: ' (anything else; a rerun may pass), then `Type: message` and the
+             traceback (`error_text`; stores from before the prefix hold the bare traceback);
+             added later (by `connect`): owner (host:pid:start), eval_seconds.
 split_scores per run, split and model ('base' | 'adapter'): n, accuracy, margin, chosen_ppl.
 pair_scores  per run, split, model and pair: log-prob sums/means, tokens, margin, correct.
 curves       per run, step and metric key: the training log (metrics.csv) as rows.
 coherence    per run and model: greedy-generation checks (repetition, distinct_n, ...).
+
+A store is marked with `PRAGMA application_id = APPLICATION_ID`. `connect` creates and marks
+a new (empty) file, marks a store made before the mark (application_id 0 and our `runs` table
+with its columns), and refuses anything else (another program's database, a corrupt file) with
+a `StoreError` instead of adding our tables to it.
 
 WAL mode and a busy timeout let several processes write at once without losing rows; every
 write is one `BEGIN IMMEDIATE` transaction (`transaction`), so a run's rows land all or none.
@@ -28,7 +37,12 @@ import sqlite3
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from functools import cache
 from pathlib import Path
+
+from reprpo.errors import ReprpoError
+
+APPLICATION_ID = 0x72707230  # "rpr0": PRAGMA application_id of every reprpo results store
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -87,6 +101,7 @@ ADDED_COLUMNS = (
     ("runs", "owner", "TEXT"),           # host:pid:start of the process that claimed the run
     ("runs", "eval_seconds", "REAL"),    # scoring + generation check
 )
+RECURRING, TRANSIENT = "recurring", "transient"  # the kinds of a failed run's runs.error
 RESULT_TABLES = ("split_scores", "pair_scores", "curves", "coherence")
 # result columns after run_id, in the order `finish_run` takes row tuples
 COLUMNS = {
@@ -112,21 +127,101 @@ def _retry_locked(fn, *, path: Path, seconds: float = 60.0):
             time.sleep(0.02 + 0.08 * random.random())
 
 
-def connect(path: str | Path) -> sqlite3.Connection:
-    """Open (and create) a store; safe for several writer processes."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    con = sqlite3.connect(str(p), timeout=60.0)
-    con.execute("PRAGMA busy_timeout=60000")
-    # switching to WAL (and the first schema write) can report "locked" at once, without waiting
-    # on the busy timeout, while another process is creating the same file: retry those
-    _retry_locked(lambda: con.execute("PRAGMA journal_mode=WAL"), path=p)
-    _retry_locked(lambda: con.executescript(SCHEMA), path=p)
+class StoreError(ReprpoError):
+    """The results store cannot be opened, or the file is not a reprpo results store."""
+
+
+_FIX = "Move it away, or pass --store NEW.sqlite for a new store."
+
+
+@cache
+def _schema_columns() -> dict[str, tuple[str, ...]]:
+    """{table: columns} of SCHEMA (the first schema, without ADDED_COLUMNS)."""
+    con = sqlite3.connect(":memory:")
+    con.executescript(SCHEMA)
+    tables = [r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+    out = {t: tuple(r[1] for r in con.execute(f"PRAGMA table_info({t})")) for t in tables}
+    con.close()
+    return out
+
+
+def _check_path(p: Path) -> None:
+    """A store path must be a file (or nothing yet) in a folder we can write (SQLite puts
+    PATH-wal and PATH-shm beside it)."""
+    if p.is_dir():
+        raise StoreError(f"results store {p} is a directory. Pass --store DIR/results.sqlite (a file) instead.")
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        why = "a file is in the way" if isinstance(e, (FileExistsError, NotADirectoryError)) else e.strerror
+        raise StoreError(f"results store {p}: cannot create its folder {p.parent} ({why}). "
+                         "Pass --store PATH in a folder you can write.") from e
+    if not os.access(p.parent, os.W_OK | os.X_OK):
+        raise StoreError(f"results store {p}: its folder {p.parent} is not writable (SQLite writes "
+                         f"{p.name}-wal and -shm beside it). Fix its permissions or pass --store PATH elsewhere.")
+    if p.exists() and not os.access(p, os.R_OK | os.W_OK):
+        raise StoreError(f"results store {p} is not readable and writable. Fix its permissions or pass --store PATH elsewhere.")
+
+
+def _check_ours(con: sqlite3.Connection, p: Path) -> str:
+    """'ours' (marked), 'old' (our tables, unmarked: an earlier version's) or 'new' (empty);
+    raises StoreError for anything else. Reads only."""
+    app = con.execute("PRAGMA application_id").fetchone()[0]
+    if app == APPLICATION_ID:
+        return "ours"
+    if app != 0:
+        raise StoreError(f"{p} is an SQLite database of another program (application_id {app}), "
+                         f"not a reprpo results store. {_FIX}")
+    tables = sorted(r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'"))
+    if not tables:
+        return "new"
+    have = {r[1] for r in con.execute("PRAGMA table_info(runs)")}
+    missing = [c for c in _schema_columns()["runs"] if c not in have]
+    if "runs" not in tables or missing:
+        what = f"its runs table lacks {', '.join(missing)}" if "runs" in tables else "it has no runs table"
+        raise StoreError(f"{p} is not a reprpo results store: it holds tables {', '.join(tables)} and {what}. {_FIX}")
+    return "old"
+
+
+def _init(con: sqlite3.Connection, p: Path) -> None:
+    """In one write transaction: check the file is ours, create what is missing, mark it."""
     with transaction(con):  # serialised, so two processes never both add a column
+        ours = _check_ours(con, p) == "ours"
+        # one statement at a time (executescript would commit first); no ';' inside SCHEMA's statements
+        for statement in filter(str.strip, SCHEMA.split(";")):
+            con.execute(statement)
+        if not ours:
+            con.execute(f"PRAGMA application_id = {APPLICATION_ID}")
         for table, column, typ in ADDED_COLUMNS:
             have = {r[1] for r in con.execute(f"PRAGMA table_info({table})")}
             if column not in have:
                 con.execute(f"ALTER TABLE {table} ADD COLUMN {column} {typ}")
+
+
+def connect(path: str | Path) -> sqlite3.Connection:
+    """Open (and create) a store; safe for several writer processes. Raises StoreError for a
+    path that cannot hold a store or a file that is not one (left as it was)."""
+    p = Path(path)
+    _check_path(p)
+    con = sqlite3.connect(str(p), timeout=60.0)
+    try:
+        con.execute("PRAGMA busy_timeout=60000")
+        _retry_locked(lambda: _check_ours(con, p), path=p)  # before WAL: a foreign file stays untouched
+        # switching to WAL (and the first schema write) can report "locked" at once, without waiting
+        # on the busy timeout, while another process is creating the same file: retry those
+        _retry_locked(lambda: con.execute("PRAGMA journal_mode=WAL"), path=p)
+        _retry_locked(lambda: _init(con, p), path=p)
+    except sqlite3.DatabaseError as e:
+        con.close()
+        name = getattr(e, "sqlite_errorname", "")
+        if name in ("SQLITE_NOTADB", "SQLITE_CORRUPT"):
+            raise StoreError(f"{p} is not an SQLite database, or is corrupt ({e}). {_FIX}") from e
+        if name in ("SQLITE_BUSY", "SQLITE_LOCKED") or "locked" in str(e):
+            raise  # _retry_locked's message names the file
+        raise StoreError(f"results store {p}: cannot open it ({name or type(e).__name__}: {e}). {_FIX}") from e
+    except BaseException:
+        con.close()
+        raise
     return con
 
 
@@ -244,6 +339,26 @@ def fail_run(con: sqlite3.Connection, *, run_id: str, owner: str, error: str) ->
                     (error, time.time(), run_id, owner))
 
 
+def error_text(kind: str, exc: BaseException, *, trace: str) -> str:
+    """runs.error of a failed run: `KIND: Type: message`, a blank line, the traceback's tail."""
+    assert kind in (RECURRING, TRANSIENT), kind
+    return f"{kind}: {type(exc).__name__}: {exc}\n\n{trace[-4000:]}"
+
+
+def error_kind(error: str | None) -> str:
+    """RECURRING or TRANSIENT; an error stored before the prefix counts as TRANSIENT (rerun)."""
+    return RECURRING if (error or "").startswith(f"{RECURRING}: ") else TRANSIENT
+
+
+def error_headline(error: str | None) -> str:
+    """The `Type: message` line of a stored error (the last line of a bare traceback)."""
+    text = (error or "").strip()
+    for prefix in (f"{RECURRING}: ", f"{TRANSIENT}: "):
+        if text.startswith(prefix):
+            return text.removeprefix(prefix).splitlines()[0]
+    return text.splitlines()[-1] if text else ""
+
+
 # -- reads -----------------------------------------------------------------------------------
 def run_statuses(con: sqlite3.Connection, run_ids: Iterable[str]) -> dict[str, str]:
     """{run_id: status} of the given runs that are in the store."""
@@ -252,3 +367,13 @@ def run_statuses(con: sqlite3.Connection, run_ids: Iterable[str]) -> dict[str, s
         return {}
     marks = ", ".join("?" * len(ids))
     return dict(con.execute(f"SELECT run_id, status FROM runs WHERE run_id IN ({marks})", ids).fetchall())
+
+
+def failed_runs(con: sqlite3.Connection, run_ids: Iterable[str]) -> dict[str, str]:
+    """{run_id: error} of the given runs whose status is 'failed'."""
+    ids = list(run_ids)
+    if not ids:
+        return {}
+    marks = ", ".join("?" * len(ids))
+    rows = con.execute(f"SELECT run_id, error FROM runs WHERE status = 'failed' AND run_id IN ({marks})", ids)
+    return {r: e or "" for r, e in rows.fetchall()}

@@ -85,7 +85,11 @@ class Method(Protocol):
         """Trainable parameters outside the adapter (learned frames), optimised with it."""
 
     def state_dict(self) -> dict[str, Any]:
-        """Saved beside the adapter as method_state.pt when not empty (frames, pca bases)."""
+        """Saved beside the adapter as method_state.pt when not empty (frames, pca bases), and
+        in every checkpoint."""
+
+    def load_state_dict(self, state: dict[str, Any]) -> Any:
+        """Restore `state_dict()` on resume (after `prepare`, which sized what it holds)."""
 
 
 class MethodBase(nn.Module):

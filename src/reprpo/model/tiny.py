@@ -39,7 +39,8 @@ def build_tiny_tokenizer():
 def build_tiny_model(out_dir: str | Path | None = None, *, seed: int = 0, layers: int = 2, width: int = 64):
     """A random Llama (`layers` blocks, hidden `width`) matching `build_tiny_tokenizer`.
 
-    Returns (model, tokenizer); when `out_dir` is given, saves both there (atomically)."""
+    Returns (model, tokenizer); when `out_dir` is given, saves both there (atomically, with a
+    checksum manifest that `resolve_model` verifies)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -69,10 +70,16 @@ def build_tiny_model(out_dir: str | Path | None = None, *, seed: int = 0, layers
         out = Path(out_dir)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
+        from reprpo.model.loading import write_checksums
+
         try:
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            write_checksums(tmp)
             tmp.rename(out)
         except OSError:
+            if not (out / "config.json").exists():  # not "another process finished first"
+                raise
+        finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return model, tok
