@@ -22,7 +22,7 @@ from reprpo.data.pairs import PreferencePair
 from reprpo.data.tokenize import tokenize_pairs
 from reprpo.errors import DataError, ReprpoError, TrainingError
 from reprpo.experiments import store
-from reprpo.model import loading
+from reprpo.model import checksums, loading
 
 TINY = ["--model.name", "tiny-random", "--data.n_train", "8", "--train.batch_size", "2", "--train.progress", "false",
         "--eval.after_train", "false"]
@@ -63,6 +63,23 @@ def _same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> boo
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def _interrupted(monkeypatch, argv: list[str], *, after_step: int) -> None:
+    """Run `reprpo ARGV` and interrupt it (Ctrl-C) right after metrics row `after_step` is
+    written: what a crash leaves, in-process (the kill -9 test does it for real)."""
+    import reprpo.train as t
+
+    write = t.MetricsLog.write
+
+    def write_then_stop(self, row):
+        write(self, row)
+        if row["step"] == after_step:
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(t.MetricsLog, "write", write_then_stop)
+        assert main(argv) == 130
+
+
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
     """6 steps without interruption (checkpoints on, as in the resumed runs)."""
@@ -90,29 +107,12 @@ def test_kill9_then_resume_repeats_the_run_exactly(straight, tmp_path):
     assert _same_tensors(_adapter(out), _adapter(straight))
 
 
-def test_resume_at_an_epoch_boundary_and_pruning(straight, tmp_path):
+def test_resume_at_an_epoch_boundary_and_pruning(straight, tmp_path, monkeypatch):
     """A checkpoint on the step that ends epoch 1 (step 4): resuming draws epoch 2's order as
     the straight run did. keep_checkpoints 1 keeps only the newest. Today: no checkpoints."""
     out = tmp_path / "run"
-
-    class Stop(Exception):
-        pass
-
-    import reprpo.train as t
-
-    write = t.MetricsLog.write
-
-    def write_then_stop(self, row):
-        write(self, row)
-        if row["step"] == 5:
-            raise Stop
-
-    t.MetricsLog.write = write_then_stop
-    try:
-        with pytest.raises(Stop):
-            main(["train", *RUN, "--train.save_every", "2", "--train.keep_checkpoints", "1", "--out", str(out)])
-    finally:
-        t.MetricsLog.write = write
+    _interrupted(monkeypatch, ["train", *RUN, "--train.save_every", "2", "--train.keep_checkpoints", "1", "--out", str(out)],
+                 after_step=5)
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-4"]
     assert main(["train", *RUN, "--train.save_every", "2", "--out", str(out), "--resume"]) == 0
     assert _rows(out) == _rows(straight)
@@ -120,27 +120,14 @@ def test_resume_at_an_epoch_boundary_and_pruning(straight, tmp_path):
 
 
 @pytest.mark.parametrize("method", ["hs-ether-prefvec", "hs-pca-prefvec", "projgrad"])
-def test_resume_is_exact_for_methods_with_state(method, tmp_path):
+def test_resume_is_exact_for_methods_with_state(method, tmp_path, monkeypatch):
     """Learned frames (ether: trainable method parameters with their own optimiser state), a
     fitted pca basis, a gradient-hooking method: stopped after step 3 (checkpoint at step 2)
     and resumed, each equals its straight run bit for bit (adapter and method_state.pt).
     Today: no checkpoints."""
-    import reprpo.train as t
-
     args = ["train", method, *TINY, "--train.max_steps", "4", "--method.k", "4", "--train.save_every", "2"]
     assert main([*args, "--out", str(tmp_path / "a")]) == 0
-    write = t.MetricsLog.write
-
-    def write_then_stop(self, row):
-        write(self, row)
-        if row["step"] == 3:
-            raise KeyboardInterrupt
-
-    t.MetricsLog.write = write_then_stop
-    try:
-        assert main([*args, "--out", str(tmp_path / "b")]) == 130
-    finally:
-        t.MetricsLog.write = write
+    _interrupted(monkeypatch, [*args, "--out", str(tmp_path / "b")], after_step=3)
     assert main([*args, "--out", str(tmp_path / "b"), "--resume"]) == 0
     a, b = tmp_path / "a", tmp_path / "b"
     assert _rows(a) == _rows(b) and _same_tensors(_adapter(a), _adapter(b))
@@ -347,11 +334,11 @@ def test_manifestless_old_conversion_is_rebuilt(cache, capsys):
             p.zero_()
     model.save_pretrained(out)
     tok.save_pretrained(out)
-    assert not (out / loading.MANIFEST).exists()
+    assert not (out / checksums.MANIFEST).exists()
     capsys.readouterr()
     loading.resolve_model("tiny-random")
     assert "no checksum manifest" in capsys.readouterr().err
-    manifest = json.loads((out / loading.MANIFEST).read_text())
+    manifest = json.loads((out / checksums.MANIFEST).read_text())
     assert {"config.json", "model.safetensors"} <= manifest.keys()
     _assert_loads_like_fresh()
 
@@ -361,8 +348,8 @@ def test_verified_stamp_skips_rehash(cache, monkeypatch):
     again only when a file's (size, mtime_ns, inode) differ from the last verified stamp."""
     loading.resolve_model("tiny-random")  # built, manifest + stamp written
     calls = []
-    real = loading._sha256
-    monkeypatch.setattr(loading, "_sha256", lambda p: calls.append(p.name) or real(p))
+    real = checksums._sha256
+    monkeypatch.setattr(checksums, "_sha256", lambda p: calls.append(p.name) or real(p))
     loading.resolve_model("tiny-random")
     assert calls == []
     f = cache / "models" / "tiny-random" / "config.json"
@@ -610,26 +597,13 @@ def test_compare_marks_a_diverged_run_failed_with_the_reason(tmp_path, capsys):
     con.close()
 
 
-def test_compare_resumes_a_half_done_run_from_its_checkpoint(tmp_path, capsys):
+def test_compare_resumes_a_half_done_run_from_its_checkpoint(tmp_path, capsys, monkeypatch):
     """A grid run interrupted after step 3 (checkpoint at step 2) is continued from step 2 by
     the rerun, and its stored results equal those of an uninterrupted grid (curves but for
     wall-clock seconds). Today: the run directory is deleted and the run trained again."""
-    import reprpo.train as t
-
     args = [*CLI, "--seeds", "1", "--steps", "4", "--train.save_every", "2"]
     assert main([*args, "--out", str(tmp_path / "a")]) == 0
-    write = t.MetricsLog.write
-
-    def write_then_stop(self, row):
-        write(self, row)
-        if row["step"] == 3:
-            raise KeyboardInterrupt
-
-    t.MetricsLog.write = write_then_stop
-    try:
-        assert main([*args, "--out", str(tmp_path / "b")]) == 130
-    finally:
-        t.MetricsLog.write = write
+    _interrupted(monkeypatch, [*args, "--out", str(tmp_path / "b")], after_step=3)
     capsys.readouterr()
     assert main([*args, "--out", str(tmp_path / "b")]) == 0
     assert "resumed at step 2" in capsys.readouterr().out
