@@ -136,6 +136,28 @@ def test_resume_is_exact_for_methods_with_state(method, tmp_path, monkeypatch):
         assert sa and _same_tensors(sa, sb)
 
 
+def test_two_process_kill9_then_resume_is_exact(tmp_path):
+    """The same with 2 processes (torchrun, gloo on CPU): process 0 is killed -9 after step 3,
+    each process's RNG comes back from the checkpoint (rng-1.safetensors for process 1), and
+    the resumed run equals the uninterrupted 2-process run bit for bit. Today: no checkpoints;
+    and a lock taken by every process would refuse process 1 (only process 0 takes it)."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    args = ["train", *TINY, "--data.n_train", "16", "--train.max_steps", "4", "--train.save_every", "2", "--lora.dropout", "0.1"]
+    env = _env(tmp_path)
+    a, b = tmp_path / "a", tmp_path / "b"
+    r = subprocess.run([*torchrun, "-m", "reprpo.cli", *args, "--out", str(a)], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    killer = tmp_path / "killer.py"
+    killer.write_text(KILLER)
+    r = subprocess.run([*torchrun, str(killer), *args, "--out", str(b)], env=env | {"KILL_AT": "3"}, capture_output=True, text=True)
+    assert r.returncode != 0 and sorted(p.name for p in (b / "checkpoints" / "step-2").iterdir()) == \
+        ["meta.json", "rng-1.safetensors", "state.safetensors"]
+    r = subprocess.run([*torchrun, "-m", "reprpo.cli", "train", "--resume", str(b)], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed at step 2" in r.stdout
+    assert _rows(a) == _rows(b) and _same_tensors(_adapter(a), _adapter(b))
+
+
 def test_resume_refuses_other_settings_or_code(straight, tmp_path, capsys):
     """A checkpoint continues only its own run: another lr, or a checkpoint written by another
     code version, is a clear error naming what differs, before the model loads. Today: no
@@ -506,22 +528,39 @@ def test_compare_out_that_is_a_file_fails_before_any_run(tmp_path, monkeypatch, 
     assert calls == []
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
-def test_compare_out_unwritable_fails_before_any_run(tmp_path, monkeypatch, capsys):
-    """today: the grid starts; with a real train() the run dir's mkdir raises a raw
-    PermissionError (here: train() is reached and the run is marked failed, rc 1)."""
+def _unwritable(tmp_path) -> Path:
+    """A directory this process cannot create or write: chmod 0o500 for a user; for root (who
+    ignores permissions, as in CI) a path in sysfs, where mkdir fails even for root."""
+    if os.geteuid() != 0:
+        out = tmp_path / "locked"
+        out.mkdir()
+        out.chmod(0o500)
+        return out
+    out = Path("/sys/reprpo-test-out")
+    try:
+        out.mkdir()
+    except OSError:
+        return out
+    out.rmdir()
+    pytest.skip("no directory here that root cannot write")
+
+
+@pytest.mark.parametrize("command", ["compare", "train"])
+def test_out_unwritable_fails_before_any_run(command, tmp_path, monkeypatch, capsys):
+    """today: compare starts the grid and train() meets a raw PermissionError / OSError when it
+    makes the run directory (here, with train() replaced, compare marks the run failed, rc 1)."""
     from reprpo.cli import main
 
     calls = _no_training(monkeypatch)
-    out = tmp_path / "locked"
-    out.mkdir()
-    out.chmod(0o500)
+    out = _unwritable(tmp_path)
+    argv = [*CLI, "--seeds", "1", "--store", str(tmp_path / "s.sqlite")] if command == "compare" else ["train", *TINY]
     try:
-        assert main([*CLI, "--seeds", "1", "--out", str(out), "--store", str(tmp_path / "s.sqlite")]) == 2
+        assert main([*argv, "--out", str(out)]) == 2
     finally:
-        out.chmod(0o700)
+        if out.is_relative_to(tmp_path):
+            out.chmod(0o700)
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith("reprpo: error:") and str(out) in err and "--out" in err
+    assert err.startswith("reprpo: error:") and f"--out {out}" in err
     assert calls == []
 
 

@@ -41,10 +41,14 @@ def is_run_dir(out: Path) -> bool:
 
 @contextmanager
 def run_lock(out: Path) -> Iterator[None]:
-    """Hold OUT/.lock exclusively for the block; another process gets a TrainingError at once."""
+    """Hold OUT/.lock exclusively for the block; another process gets a TrainingError at once.
+    In a multi-process launch (torchrun / accelerate: RANK set) only process 0 takes it."""
     import fcntl
 
     key = Path(out).resolve()
+    if int(os.environ.get("RANK", "0")) > 0:  # a multi-process run: its process 0 holds the lock for all
+        yield
+        return
     if key in _held:
         _held[key][1] += 1
     else:
