@@ -154,11 +154,11 @@ def test_killed_and_failed_runs_are_redone_without_duplicates(tmp_path, monkeypa
 
     real_train, calls = reprpo.train.train, []
 
-    def flaky(cfg):
+    def flaky(cfg, **kw):
         calls.append(cfg.out)
         if len(calls) == 3:
             raise RuntimeError("simulated crash")
-        return real_train(cfg)
+        return real_train(cfg, **kw)
 
     monkeypatch.setattr(reprpo.train, "train", flaky)
     ids = _grid(tmp_path)
@@ -201,7 +201,7 @@ def test_killed_and_failed_runs_are_redone_without_duplicates(tmp_path, monkeypa
 def test_fail_fast_stops_the_grid(tmp_path, monkeypatch):
     import reprpo.train
 
-    def boom(cfg):
+    def boom(cfg, **kw):
         raise RuntimeError("boom")
 
     monkeypatch.setattr(reprpo.train, "train", boom)
