@@ -658,6 +658,33 @@ def test_compare_resumes_a_half_done_run_from_its_checkpoint(tmp_path, capsys, m
     assert a["split_scores"] and a == b
 
 
+def test_tune_records_a_diverged_trial_and_goes_on(tmp_path, monkeypatch, capsys):
+    """A trial whose training diverges (TrainingError from the non-finite guard) is a failed
+    trial with its reason; the study goes on. Today: no guard (a NaN adapter is scored as a
+    real objective value), and an error raised in training ends the whole study."""
+    import optuna
+
+    import reprpo.train
+
+    real, calls = reprpo.train.train, []
+
+    def first_diverges(cfg, **kw):
+        calls.append(cfg.out)
+        if len(calls) == 1:
+            raise TrainingError("step 2: loss or gradient norm not finite for 3 steps in a row; no adapter saved")
+        return real(cfg, **kw)
+
+    monkeypatch.setattr(reprpo.train, "train", first_diverges)
+    store_path = tmp_path / "optuna.sqlite"
+    assert main(["tune", "dpo", "--shift", "builtin:context", "--store", str(store_path), "--out", str(tmp_path / "tune"),
+                 "--trials", "2", "--model.name", "tiny-random", "--n-train", "8", "--n-eval", "6", "--steps", "2",
+                 "--train.batch_size", "2"]) == 0
+    assert "trial 0: failed, training diverged" in capsys.readouterr().out
+    study = optuna.load_study(study_name="dpo@builtin:context", storage=f"sqlite:///{store_path}")
+    states = [t.state.name for t in study.trials]
+    assert states == ["FAIL", "COMPLETE"] and "not finite" in study.trials[0].user_attrs["error"]
+
+
 # -- config values and truncated pairs --------------------------------------------------------------
 class _ModelLoaded(Exception):
     """Raised by the patched loader: validation let the config through to model loading."""

@@ -29,7 +29,7 @@ import yaml
 from reprpo import methods
 from reprpo.config import RunConfig
 from reprpo.data.shifts import shift_spec
-from reprpo.errors import ConfigError
+from reprpo.errors import ConfigError, TrainingError
 from reprpo.methods import resolve_config
 
 # --------------------------------------------------------------------------- search spaces
@@ -197,7 +197,12 @@ def run_tune(method: str, *, shift: str, trials: int, base: dict[str, Any] | Non
         params = suggest(trial, space)
         tdir = out / "trials" / re.sub(r"[^A-Za-z0-9_.-]+", "_", study_name) / f"trial-{trial.number:04d}"
         cfg = trial_config(method, base, params, out=tdir)
-        adapter = train(cfg)
+        try:
+            adapter = train(cfg)
+        except TrainingError as e:  # diverged (non-finite): a failed trial, the study goes on
+            trial.set_user_attr("error", str(e))
+            log(f"trial {trial.number}: failed, training diverged {params}: {str(e).split(';')[0]}")
+            raise
         try:
             model, tok = load_model(cfg.model, adapter=adapter, device=device_type(cfg.train.device))
             tr = scorer.gain(model, tok, cfg, "train")
@@ -219,7 +224,7 @@ def run_tune(method: str, *, shift: str, trials: int, base: dict[str, Any] | Non
                 shutil.rmtree(Path(adapter) / "tb", ignore_errors=True)
 
     if todo:
-        study.optimize(objective, n_trials=todo)
+        study.optimize(objective, n_trials=todo, catch=(TrainingError,))
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if not done:
         raise ConfigError(f"study {study_name!r}: no completed trial (all pruned or failed); run more --trials.")
