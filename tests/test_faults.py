@@ -383,6 +383,32 @@ def test_verified_stamp_skips_rehash(cache, monkeypatch):
     assert calls == ["config.json"]
 
 
+def test_corrupt_reference_cache_is_named_and_recomputed(tiny, tmp_path, monkeypatch, capsys):
+    """A reference-cache file whose bytes were changed in place (same size, still a valid zip:
+    the tensor data is read through mmap, which checks no CRC) is detected by its content
+    digest, named, and recomputed. Today: the flipped values are used as reference log-probs."""
+    import reprpo.model.refcache as rc
+    from reprpo.data.layout import Layout
+
+    monkeypatch.setenv("REPRPO_CACHE", str(tmp_path / "c"))
+    model, tok = tiny
+    pairs, _ = tokenize_pairs([PreferencePair(f"q{i}?", f" yes {i}", f" no {i}") for i in range(5)], tok,
+                              max_length=32, max_prompt_length=16)
+    a = rc.build_ref_cache(model, pairs, pad_id=tok.pad_token_id, layout=Layout(packed=True))
+    path, = (tmp_path / "c" / "ref").glob("*.pt")
+    raw = path.read_bytes()
+    at = raw.find(a.logp_sum.numpy().tobytes())
+    assert at > 0
+    flipped = (a.logp_sum + 1.0).numpy().tobytes()
+    path.write_bytes(raw[:at] + flipped + raw[at + len(flipped):])
+    assert len(path.read_bytes()) == len(raw)
+    b = rc.build_ref_cache(model, pairs, pad_id=tok.pad_token_id, layout=Layout(packed=True))
+    assert f"reference cache {path} is corrupt (content digest mismatch); recomputing" in capsys.readouterr().err
+    assert torch.equal(a.logp_sum, b.logp_sum)
+    c = rc.build_ref_cache(model, pairs, pad_id=tok.pad_token_id, layout=Layout(packed=True))  # rewritten, intact
+    assert torch.equal(a.logp_sum, c.logp_sum) and "corrupt" not in capsys.readouterr().err
+
+
 def test_nan_weights_raise_training_error_naming_the_split(tiny):
     """Old code: NaN margins counted as "not correct" and gave accuracy 0.0, which looks real."""
     from reprpo.eval.scoring import evaluate_splits

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -88,6 +89,18 @@ def data_fingerprint(pairs: list[TokenizedPair]) -> str:
     return h.hexdigest()
 
 
+def content_digest(d: dict) -> str:
+    """blake2b over every tensor of a cache file: the file is read through mmap, which checks
+    no CRC, so a flipped byte would otherwise be read as a reference value."""
+    h = hashlib.blake2b(digest_size=16)
+    tensors = [("pair_index", d["pair_index"]), ("logp_sum", d["logp_sum"]), ("n_tokens", d["n_tokens"])]
+    tensors += [(f"acts/{k}", v) for k, v in sorted(d["acts"].items())] + [(f"dirs/{k}", v) for k, v in sorted(d.get("dirs", {}).items())]
+    for name, t in tensors:
+        h.update(name.encode())
+        h.update(t.contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 def cache_root() -> Path:
     from reprpo.model.loading import cache_dir
 
@@ -125,9 +138,11 @@ def build_ref_cache(
         try:
             d = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             if d.get("fingerprint") == fp and d["pair_index"].tolist() == [p.index for p in pairs]:
-                return RefCache(fp, d["pair_index"], d["logp_sum"], d["n_tokens"], d["acts"], d.get("dirs", {}))
-        except Exception:  # noqa: BLE001 - a broken cache file is recomputed
-            pass
+                if d.get("digest") == content_digest(d):
+                    return RefCache(fp, d["pair_index"], d["logp_sum"], d["n_tokens"], d["acts"], d.get("dirs", {}))
+                print(f"reprpo: reference cache {path} is corrupt (content digest mismatch); recomputing it", file=sys.stderr)
+        except Exception as e:  # noqa: BLE001 - a broken cache file is recomputed
+            print(f"reprpo: reference cache {path} is unreadable ({type(e).__name__}); recomputing it", file=sys.stderr)
     device = next(model.parameters()).device
     n = len(pairs)
     logp = torch.zeros(n, 2)
@@ -165,7 +180,8 @@ def build_ref_cache(
     if use_disk:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
-        torch.save({"fingerprint": fp, "spec": spec, "pair_index": cache.pair_index, "logp_sum": logp,
-                    "n_tokens": ntok, "acts": acts, "dirs": dirs}, tmp)
+        d = {"fingerprint": fp, "spec": spec, "pair_index": cache.pair_index, "logp_sum": logp, "n_tokens": ntok,
+             "acts": acts, "dirs": dirs}
+        torch.save(d | {"digest": content_digest(d)}, tmp)
         tmp.replace(path)
     return cache
