@@ -140,7 +140,8 @@ def build_ref_cache(
             if d.get("fingerprint") == fp and d["pair_index"].tolist() == [p.index for p in pairs]:
                 if d.get("digest") == content_digest(d):
                     return RefCache(fp, d["pair_index"], d["logp_sum"], d["n_tokens"], d["acts"], d.get("dirs", {}))
-                print(f"reprpo: reference cache {path} is corrupt (content digest mismatch); recomputing it", file=sys.stderr)
+                why = "corrupt (content digest mismatch)" if "digest" in d else "without a content digest (an older reprpo's)"
+                print(f"reprpo: reference cache {path} is {why}; recomputing it", file=sys.stderr)
         except Exception as e:  # noqa: BLE001 - a broken cache file is recomputed
             print(f"reprpo: reference cache {path} is unreadable ({type(e).__name__}); recomputing it", file=sys.stderr)
     device = next(model.parameters()).device
