@@ -13,7 +13,6 @@ the rest from JSON.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -30,17 +29,6 @@ STATE, META = "state.safetensors", "meta.json"
 # config keys that do not change what training computes: a resumed run may differ in them
 NOT_CHECKED = ("out", "train.progress", "train.save_every", "train.keep_checkpoints")
 NOT_CHECKED_SECTIONS = ("eval",)
-
-
-def flat_config(cfg) -> dict[str, Any]:
-    """{'train.lr': 1e-4, ..., 'out': ''} of a RunConfig."""
-    out: dict[str, Any] = {}
-    for k, v in dataclasses.asdict(cfg).items():
-        if isinstance(v, dict) and dataclasses.is_dataclass(getattr(cfg, k)):
-            out |= {f"{k}.{k2}": v2 for k2, v2 in v.items()}
-        else:
-            out[k] = v
-    return out
 
 
 def code_version() -> str:
@@ -192,16 +180,17 @@ def read_checkpoint(path: Path, *, rank: int = 0) -> tuple[dict[str, torch.Tenso
     return tensors, meta
 
 
-def check_matches(meta: dict[str, Any], cfg, *, path: Path) -> None:
+def check_matches(meta: dict[str, Any], config: dict[str, Any], *, path: Path) -> None:
     """A checkpoint continues only the run it was written by: same code version, same config
-    (but for keys that change no result); else a TrainingError naming what differs."""
+    (`config`: the run's config as dotted keys, `config.to_flat`; keys that change no result
+    aside); else a TrainingError naming what differs."""
     now = code_version()
     if meta.get("code_version") != now:
         raise TrainingError(f"{path}: written by reprpo {meta.get('code_version')}, this is {now}: a run is never resumed "
                             "across code versions (the result would mix two codes). Train it again without --resume.")
     def relevant(d: dict[str, Any]) -> dict[str, Any]:
         return {k: v for k, v in d.items() if k not in NOT_CHECKED and k.split(".", 1)[0] not in NOT_CHECKED_SECTIONS}
-    saved, current = relevant(meta["config"]), relevant(flat_config(cfg))
+    saved, current = relevant(meta["config"]), relevant(config)
     diff = sorted(k for k in saved.keys() | current.keys() if saved.get(k) != current.get(k))
     if diff:
         shown = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, now {current.get(k)!r}" for k in diff[:5])

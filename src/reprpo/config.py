@@ -250,6 +250,17 @@ def to_dict(cfg: RunConfig) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+def to_flat(cfg: RunConfig) -> dict[str, Any]:
+    """{'train.lr': 1e-4, ..., 'out': ''}: every field under its dotted key."""
+    out: dict[str, Any] = {}
+    for k, v in to_dict(cfg).items():
+        if k in SECTIONS:
+            out |= {f"{k}.{k2}": v2 for k2, v2 in v.items()}
+        else:
+            out[k] = v
+    return out
+
+
 def save_yaml(cfg: RunConfig, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from reprpo.config import RunConfig, save_yaml
+from reprpo.config import RunConfig, save_yaml, to_flat
 from reprpo.data.prepare import prepare
 from reprpo.data.shifts import data_sources
 from reprpo.errors import ConfigError, TrainingError
@@ -203,7 +203,7 @@ def _train(cfg: RunConfig, out: Path, resume: str | None) -> Path:
     state, meta = None, None
     if start is not None:
         state, meta = ckpt.read_checkpoint(start)
-        ckpt.check_matches(meta, cfg, path=start)
+        ckpt.check_matches(meta, to_flat(cfg), path=start)
     check_sources(cfg.data.shift, cfg.data.train, cfg.data.eval)
     acc = Accelerator(cpu=device_type(tc.device) == "cpu", mixed_precision=tc.mixed_precision, gradient_accumulation_steps=tc.grad_accum)
     if start is None:
@@ -304,7 +304,7 @@ def _train(cfg: RunConfig, out: Path, resume: str | None) -> Path:
             tensors |= {f"method/{k}": v for k, v in method.state_dict().items()} | opt_t | rng_t
             tensors["sampler/epoch_start"], tensors["sampler/now"] = sampler.epoch_start, sampler.gen.get_state()
             meta = {"step": c["step"], "counters": c, "metrics": rows, "optimizer": opt_m, "scheduler": scheduler.state_dict(),
-                    "rng": rng_m, "config": ckpt.flat_config(cfg), "code_version": ckpt.code_version()}
+                    "rng": rng_m, "config": to_flat(cfg), "code_version": ckpt.code_version()}
             path = ckpt.finish_checkpoint(tmp, tensors, meta, keep=tc.keep_checkpoints)
         acc.wait_for_everyone()
         return path

@@ -20,7 +20,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from reprpo.config import SECTIONS, RunConfig, load_yaml, to_dict
+from reprpo.config import RunConfig, load_yaml, to_dict, to_flat
 from reprpo.data.shifts import check_sources, shift_spec
 from reprpo.errors import ConfigError, ReprpoError, TrainingError
 from reprpo.experiments import store
@@ -33,20 +33,9 @@ def split_list(text: str) -> list[str]:
     return [s.strip() for s in text.split(",") if s.strip()]
 
 
-def _flat(cfg: RunConfig) -> dict[str, Any]:
-    """{'train.lr': 1e-4, ..., 'out': ''}."""
-    out: dict[str, Any] = {}
-    for k, v in to_dict(cfg).items():
-        if k in SECTIONS:
-            out |= {f"{k}.{k2}": v2 for k2, v2 in v.items()}
-        else:
-            out[k] = v
-    return out
-
-
 def run_id_of(cfg: RunConfig) -> str:
     """12 hex digits of sha256 over the canonical JSON of the config without NOT_IN_RUN_ID."""
-    flat = {k: v for k, v in _flat(cfg).items() if k not in NOT_IN_RUN_ID}
+    flat = {k: v for k, v in to_flat(cfg).items() if k not in NOT_IN_RUN_ID}
     text = json.dumps(flat, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
@@ -54,8 +43,8 @@ def run_id_of(cfg: RunConfig) -> str:
 def base_settings(base: RunConfig) -> dict[str, Any]:
     """The fields of `base` that differ from the defaults: what the user set. (A field set to
     its default value is indistinguishable from an unset one, so a preset's value wins there.)"""
-    default = _flat(RunConfig())
-    return {k: v for k, v in _flat(base).items() if k != "out" and v != default[k]}
+    default = to_flat(RunConfig())
+    return {k: v for k, v in to_flat(base).items() if k != "out" and v != default[k]}
 
 
 def load_params(items: list[str]) -> dict[str, dict[str, Any]]:
@@ -136,7 +125,7 @@ def resumable(cfg: RunConfig) -> str | None:
     if not found:
         return None
     try:
-        check_matches(read_checkpoint(found[-1])[1], cfg, path=found[-1])
+        check_matches(read_checkpoint(found[-1])[1], to_flat(cfg), path=found[-1])
     except TrainingError as e:
         print(f"{cfg.out}: not resuming ({e}); training from the start", file=sys.stderr)
         return None
