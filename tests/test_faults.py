@@ -624,7 +624,7 @@ def test_compare_tells_recurring_failures_from_transient_ones(tmp_path, monkeypa
 
     monkeypatch.setattr(reprpo.train, "train", train)
     monkeypatch.setattr(reprpo.eval.scoring, "evaluate_run", evaluate_run)
-    monkeypatch.setattr(reprpo.eval.coherence, "run_coherence", lambda cfg, *, adapter_dir: {"base": {"repetition": 0.0}, "adapter": {"repetition": 0.0}})
+    monkeypatch.setattr(reprpo.eval.coherence, "run_coherence", lambda cfg, *, adapter_dir, **kw: {"base": {"repetition": 0.0}, "adapter": {"repetition": 0.0}})
     out = tmp_path / "cmp"
     assert main([*CLI, "--seeds", "1,2,3,4", "--out", str(out)]) == 1
     err = capsys.readouterr().err

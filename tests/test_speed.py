@@ -213,7 +213,8 @@ def test_batch_prefix_leaves_losses_unchanged(method, tmp_path):
     """A template header shared by every prompt is encoded once per batch (speed.share_prefix):
     the first two losses equal those of the plain shared-prompt layout, and the report counts
     the header tokens not re-read (so the lever really ran)."""
-    data = {"data.shift": "", "data.train": _header_data(tmp_path / "h.jsonl"), "data.chat_template": False}
+    src = _header_data(tmp_path / "h.jsonl")  # all 12 pairs train (the eval split named: no held-out slice)
+    data = {"data.shift": "", "data.train": src, "data.eval": f"train={src}", "data.chat_template": False}
     on = _cfg(tmp_path, method, "on", **data)
     off = _cfg(tmp_path, method, "off", **data, **{"speed.share_prefix": False})
     from reprpo.train import train
@@ -237,7 +238,8 @@ def _sharing_data(path):
 def test_shared_response_tokens_leave_losses_unchanged(method, tmp_path):
     """speed.share_response: the tokens chosen and rejected share are encoded once; the first
     two losses equal those with the lever off, and the report counts the shared tokens."""
-    data = {"data.shift": "", "data.train": _sharing_data(tmp_path / "s.jsonl"), "data.chat_template": False}
+    src = _sharing_data(tmp_path / "s.jsonl")
+    data = {"data.shift": "", "data.train": src, "data.eval": f"train={src}", "data.chat_template": False}
     from reprpo.train import train
 
     runs = [train(_cfg(tmp_path, method, name, **data, **over))

@@ -19,8 +19,6 @@ def _cfg(tmp_path, **over) -> RunConfig:
 
 
 def test_loss_is_ln2_at_step_0_and_adapter_loads(tmp_path):
-    from peft import AutoPeftModelForCausalLM
-
     out = train(_cfg(tmp_path))
     m = pd.read_csv(out / "metrics.csv")
     assert len(m) == 3
@@ -29,7 +27,11 @@ def test_loss_is_ln2_at_step_0_and_adapter_loads(tmp_path):
     assert all(math.isfinite(x) for x in m.loss) and (m.grad_norm > 0).all()
     lora = load_file(str(out / "adapter_model.safetensors"))
     assert lora and all("lora_" in k for k in lora)
-    peft = AutoPeftModelForCausalLM.from_pretrained(str(out))  # base resolved from adapter_config
+    # the adapter records the base as the user named it (`tiny-random`, which reprpo resolves;
+    # tests/test_export.py loads a run on a local checkpoint with AutoPeftModelForCausalLM alone)
+    from reprpo.model.loading import load_model
+
+    peft = load_model(_cfg(tmp_path).model, adapter=out)[0]
     x = torch.tensor([[5, 6, 7, 8]])
     with torch.no_grad():
         on = peft(input_ids=x).logits

@@ -27,7 +27,7 @@ from reprpo.errors import TrainingError
 
 STATE, META = "state.safetensors", "meta.json"
 # config keys that do not change what training computes: a resumed run may differ in them
-NOT_CHECKED = ("out", "train.progress", "train.save_every", "train.keep_checkpoints")
+NOT_CHECKED = ("out", "train.progress", "train.save_every", "train.keep_checkpoints", "train.report_to")
 NOT_CHECKED_SECTIONS = ("eval",)
 
 

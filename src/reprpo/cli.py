@@ -12,6 +12,7 @@ import textwrap
 from contextlib import nullcontext
 from pathlib import Path
 
+from reprpo import registered_names
 from reprpo.config import (
     RunConfig,
     add_config_arguments,
@@ -45,6 +46,9 @@ def resume_run_dir(args) -> Path:
 
 
 def cmd_train(args) -> int:
+    import shlex
+
+    from reprpo.card import write_card
     from reprpo.eval.scoring import evaluate_run, markdown_table
     from reprpo.rundir import check_out_dir, run_lock
     from reprpo.train import default_out, train
@@ -68,6 +72,8 @@ def cmd_train(args) -> int:
             table, _ = evaluate_run(cfg, adapter_dir=out, out=out / "eval")
             print(markdown_table(table))
             print(f"per-pair scores: {out / 'eval'}")
+        # the card again, with the eval table and the command (sys.argv is what main() parsed unless it was given a list)
+        write_card(out, cfg, command="reprpo " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["train"] else None)
     return 0
 
 
@@ -91,6 +97,10 @@ def cmd_eval(args) -> int:
     check_sources(cfg.data.shift, cfg.data.train, cfg.data.eval)  # before the model loads
     with run_lock(Path(args.run)) if args.run else nullcontext():  # no `train` may rewrite the run meanwhile
         table, _ = evaluate_run(cfg, adapter_dir=adapter, out=out)
+        if adapter is not None and out.resolve() == (Path(args.run) / "eval").resolve():
+            from reprpo.card import write_card
+
+            write_card(args.run)  # the card's table is RUN/eval's; its config the run's own (config.yaml)
     print(markdown_table(table))
     print(f"summary and per-pair scores: {out}")
     return 0
@@ -129,6 +139,20 @@ def cmd_report(args) -> int:
     out = Path(args.out) if args.out else Path(args.store).parent / "report"
     print(render_report(args.store, out))
     print(f"report written to {out / 'report.md'} and {out / 'report.html'}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    if not (args.merged or args.adapter):
+        raise ReprpoError(f"reprpo export {args.run}: nothing to write; give --merged OUT (a full model), "
+                          "--adapter OUT (a PEFT adapter folder) or both.")
+    from reprpo.export import export_run
+
+    export_run(args.run, merged=args.merged, adapter=args.adapter)
+    if args.merged:
+        print(f"merged model written to {args.merged} (loads with AutoModelForCausalLM.from_pretrained)")
+    if args.adapter:
+        print(f"PEFT adapter written to {args.adapter}")
     return 0
 
 
@@ -196,27 +220,25 @@ def cmd_compare(args) -> int:
 
 
 def presets_epilog() -> str:
-    """The presets of every registered method kind, grouped by kind (from the registries)."""
-    from reprpo.methods.base import KINDS
-    from reprpo.methods.presets import preset_names
-
+    """The presets of every registered method kind, grouped by kind (from the manifest
+    `registered_names.py`, which a test keeps equal to the registries: no torch import)."""
     lines = ["presets (method kinds and their names):"]
-    for kind in KINDS.values():
-        names = preset_names(kind.name)
-        lines.append(f"  {kind.name}: {kind.help}")
+    for kind, (help_, names) in registered_names.KINDS.items():
+        lines.append(f"  {kind}: {help_}")
         lines.append(textwrap.fill(", ".join(names), 100, initial_indent="    ", subsequent_indent="    ", break_on_hyphens=False))
     return "\n".join(lines)
 
 
 def registry_choices() -> dict[str, list[str]]:
-    """Registry-backed config fields -> their registered names (shown in each option's help)."""
-    from reprpo.methods.presets import REGISTRY_FIELDS
-
-    return {k: [n for n in v if k != "train.method"] for k, v in REGISTRY_FIELDS.items()}
+    """Registry-backed config fields -> their registered names (shown in each option's help;
+    train.method's are left out: the epilog lists the presets by kind)."""
+    return {k: [n for n in v if k != "train.method"] for k, v in registered_names.REGISTRY_FIELDS.items()}
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="reprpo", description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    quiet_help = "no progress bars or progress lines (errors and results still print)"
+    p.add_argument("--quiet", action="store_true", help=quiet_help)
     sub = p.add_subparsers(dest="command", required=True)
 
     epilog = presets_epilog()
@@ -289,11 +311,27 @@ def parser() -> argparse.ArgumentParser:
     tu.add_argument("--keep-adapters", action="store_true", help="keep each trial's adapter weights (deleted after scoring by default)")
     add_config_arguments(tu, choices=registry_choices())
     tu.set_defaults(func=cmd_tune)
+
+    x = sub.add_parser("export", help="write a trained run as a merged full model (loads with AutoModelForCausalLM) and/or a clean PEFT adapter folder",
+                       description="Write a trained run as a merged full model (loads with AutoModelForCausalLM) and/or a clean PEFT adapter folder. Give --merged, --adapter or both.")
+    x.add_argument("run", metavar="RUN", help="a `reprpo train` output directory")
+    x.add_argument("--merged", metavar="OUT", help="write the base model with the adapter merged into its weights to OUT")
+    x.add_argument("--adapter", metavar="OUT", help="write the adapter alone to OUT, as a PEFT adapter folder")
+    x.set_defaults(func=cmd_export)
+
+    # `reprpo --quiet train` and `reprpo train --quiet` both work. SUPPRESS: a subcommand that is
+    # not given --quiet sets nothing, so it cannot overwrite the root's True with its own False.
+    for sp in (t, e, i, c, tu):
+        sp.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help=quiet_help)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    from reprpo import progress  # light (tqdm, no torch)
+
+    progress.quiet_third_party_warnings()
+    progress.set_quiet(bool(args.quiet))  # also undoes an earlier `main(["--quiet", ...])` in this process
     try:
         return args.func(args)
     except ReprpoError as e:

@@ -34,9 +34,11 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    shift: str = F("builtin:difficulty", "named shift giving the train data and the eval splits train/test/oos/rnd: `builtin:NAME` or `PATH/shifts.json:NAME` (GENIES); see `reprpo shifts list`")
-    train: str = F("", "training data source (overrides the shift's): file (.json GENIES or prompt/chosen/rejected, .jsonl, .parquet, .csv), `builtin:DIST/SPLIT` or `hf:ID[:SPLIT]`")
+    shift: str = F("", "named shift giving the train data and the eval splits train/test/oos/rnd: `builtin:NAME` or `PATH/shifts.json:NAME` (GENIES); see `reprpo shifts list`. Empty: `builtin:difficulty` if data.train is empty too, else none (data.train is split, see data.eval_fraction)")
+    train: str = F("", "training data source (overrides the shift's): file (.json GENIES or prompt/chosen/rejected, .jsonl, .parquet, .csv), `builtin:DIST/SPLIT` or `hf:OWNER/NAME[:CONFIG][:SPLIT]` (one part after the id = the split, two = config then split)")
     eval: dict[str, str] = F(factory=dict, help="eval splits NAME=SOURCE,... (overrides the shift's)")
+    eval_fraction: float = F(0.1, "with data.train but neither data.eval nor data.shift: the share of its prompts held out (all pairs of a prompt on one side, by a hash of the prompt), not trained on and scored as split `test`; the rest are trained on and scored as `train`")
+    columns: dict[str, str] = F(factory=dict, help="rename record fields of files and hf: datasets before reading, TARGET=SOURCE_COLUMN,... (targets: prompt, chosen, rejected, responses), e.g. prompt=question,chosen=good,rejected=bad")
     n_train: int = F(256, "use the first N training pairs (0 = all)")
     n_eval: int = F(100, "use the first N pairs of each eval split (0 = all)")
     pairing: str = F("first", "GENIES records: which dispreferred responses make pairs (`first` = preferred vs first dispreferred, `all` = one pair each)")
@@ -73,6 +75,9 @@ class TrainConfig:
     device: str = F("auto", "auto | cpu | cuda | mps (accelerate places the model)")
     mixed_precision: str = F("no", "accelerate mixed precision: no | bf16 | fp16")
     log_every: int = F(1, "log metrics every N optimiser steps")
+    report_to: str = F("tensorboard,csv", "where metrics go besides metrics.csv (always written): comma list of tensorboard, csv, wandb (optional extra; offline unless WANDB_MODE is set), or none")
+    eval_every: int = F(0, "score the first train.eval_pairs pairs of each eval split every N steps during training (eval/SPLIT/accuracy, eval/SPLIT/margin in the logs); 0 = off")
+    eval_pairs: int = F(16, "pairs per eval split scored during training (train.eval_every)")
     save_every: int = F(0, "write a checkpoint (adapter, optimiser, scheduler, data position, RNG) to OUT/checkpoints/step-N every N optimiser steps, for `--resume` (0 = off)")
     keep_checkpoints: int = F(2, "keep the newest N checkpoints (older ones are deleted)")
     max_bad_steps: int = F(3, "a step whose loss or gradient norm is not finite makes no update; training stops (no adapter saved) at this many in a row")
@@ -273,23 +278,28 @@ def validate(cfg: RunConfig) -> None:
     """Range and cross-field checks, with the field, the value and the allowed range in each message."""
     import math
 
-    from reprpo.data.readers import PAIRINGS  # a light module (no torch); config sits above data
+    # a light module (no torch); config sits above data
+    from reprpo.data.readers import PAIRINGS, column_problem
 
     d, t = cfg.data, cfg.train
     PAIRINGS.check(d.pairing, where="data.pairing")
+    if problem := column_problem(d.columns):
+        raise ConfigError(f"data.columns: {problem}")
     for sec in SECTIONS:  # NaN / inf pass every range check below (nan <= 0 is False): reject them first
         obj = getattr(cfg, sec)
         for f in dataclasses.fields(obj):
             v = getattr(obj, f.name)
             if isinstance(v, float) and not math.isfinite(v):
                 raise ConfigError(f"{sec}.{f.name} must be a finite number, got {v}.")
+    if not 0 < d.eval_fraction < 1:
+        raise ConfigError(f"data.eval_fraction must be in (0, 1), got {d.eval_fraction}.")
     if d.max_length <= 1:
         raise ConfigError(f"data.max_length must be > 1, got {d.max_length}.")
     if not 0 < d.max_prompt_length < d.max_length:
         raise ConfigError(f"data.max_prompt_length ({d.max_prompt_length}) must be > 0 and < data.max_length ({d.max_length}), to leave room for the response.")
     for name, v in (("train.batch_size", t.batch_size), ("train.grad_accum", t.grad_accum), ("lora.r", cfg.lora.r),
                     ("train.log_every", t.log_every), ("train.keep_checkpoints", t.keep_checkpoints),
-                    ("train.max_bad_steps", t.max_bad_steps)):
+                    ("train.max_bad_steps", t.max_bad_steps), ("train.eval_pairs", t.eval_pairs)):
         if v < 1:
             raise ConfigError(f"{name} must be >= 1, got {v}.")
     for name, v, zero in (("train.max_steps", t.max_steps, "0 = run train.epochs"), ("train.save_every", t.save_every, "0 = off"),
@@ -308,6 +318,11 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"eval.batch_size must be >= 1, or 0 for auto, got {cfg.eval.batch_size}.")
     if cfg.eval.workers < 0:
         raise ConfigError(f"eval.workers must be >= 1, or 0 for auto, got {cfg.eval.workers}.")
+    if t.eval_every < 0:
+        raise ConfigError(f"train.eval_every must be >= 0 (0 = off), got {t.eval_every}.")
+    unknown = [x for x in (s.strip() for s in t.report_to.split(",")) if x and x not in ("tensorboard", "csv", "wandb", "none")]
+    if unknown:
+        raise ConfigError(f"train.report_to: unknown tracker(s) {', '.join(map(repr, unknown))}; use a comma list of tensorboard, csv, wandb, or none.")
     if t.schedule not in ("cosine", "linear", "constant"):
         raise ConfigError(f"train.schedule must be cosine, linear or constant, got {t.schedule!r}.")
     if not 0 <= t.warmup_ratio < 1:
@@ -333,9 +348,13 @@ def add_config_arguments(parser, *, sections: tuple[str, ...] = SECTIONS, choice
             tname = "NAME=SRC,..." if typing.get_origin(typ) is dict else typ.__name__.upper()
             names = [n for n in choices.get(f"{sec}.{f.name}", []) if n]
             listed = f"; registered: {', '.join(names)}" if names else ""
+            # A field's help is plain text; argparse %-formats help, so every `%` is escaped here,
+            # once. A help already written escaped (`17%%`) is read as `17%` first: escaping it
+            # again made `--help` print `17%%`.
+            text = f"{f.metadata.get('help', '')} (default: {default!r}{listed})".replace("%%", "%")
             group.add_argument(
                 f"--{sec}.{f.name}", dest=f"cfg:{sec}.{f.name}", default=None, metavar=tname,
-                help=f"{f.metadata.get('help', '')} (default: {default!r}{listed})".replace("%", "%%"),
+                help=text.replace("%", "%%"),
             )
 
 

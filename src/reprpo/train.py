@@ -6,6 +6,7 @@ Read top to bottom: setup -> data -> adapter -> optimiser/schedule -> loop -> sa
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import math
 import shutil
@@ -16,9 +17,9 @@ from pathlib import Path
 
 import torch
 
-from reprpo.config import RunConfig, save_yaml, to_flat
+from reprpo.config import RunConfig, save_yaml, to_dict, to_flat
 from reprpo.data.prepare import prepare
-from reprpo.data.shifts import data_sources
+from reprpo.data.shifts import sources_of
 from reprpo.errors import ConfigError, TrainingError
 from reprpo.methods import build_method
 from reprpo.methods.gradproj import lora_modules
@@ -27,6 +28,7 @@ from reprpo.model.layout import build_layout
 from reprpo.model.loading import device_type, load_model
 from reprpo.model.memory import keep_freed_memory
 from reprpo.model.refcache import build_ref_cache
+from reprpo.progress import bar as progress_bar
 
 
 def default_out(cfg: RunConfig) -> Path:
@@ -108,38 +110,108 @@ def make_scheduler(optimizer, *, schedule: str, warmup: int, total: int):
 
 
 class MetricsLog:
-    """One row per logged step to metrics.csv and TensorBoard."""
+    """One row per logged step: metrics.csv (always: resume, compare and the report read it),
+    plus the trackers of `train.report_to` (TensorBoard, Weights & Biases). A row with keys the
+    earlier rows lack (in-training evaluation) widens the CSV: the file is rewritten with the
+    union header, earlier rows blank there."""
 
-    def __init__(self, out: Path, *, rows: list[dict[str, float]] = (), purge_step: int | None = None):
+    def __init__(self, out: Path, *, trackers: tuple[str, ...] = ("tensorboard",), rows: list[dict[str, float]] = (),
+                 purge_step: int | None = None, config: dict | None = None):
         """`rows`: the rows of a resumed run so far (metrics.csv is rewritten with them, and
         TensorBoard drops what an interrupted attempt logged from `purge_step` on)."""
-        from torch.utils.tensorboard import SummaryWriter
-
         self.path = out / "metrics.csv"
-        self.tb = SummaryWriter(str(out / "tb"), purge_step=purge_step if rows else None)
-        self._fh = None
-        self._writer = None
+        self.rows: list[dict[str, float]] = []
+        self._fields: list[str] = []
+        self._fh = self._writer = self.tb = self.wandb = None
+        if "tensorboard" in trackers:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out / "tb"), purge_step=purge_step if rows else None)
+        if "wandb" in trackers:
+            self.wandb = start_wandb(out, config or {})
         for row in rows:
             self._row(row)
 
     def _row(self, row: dict[str, float]) -> None:
-        if self._writer is None:
+        self.rows.append(row)
+        if self._writer is None or any(k not in self._fields for k in row):
+            if self._fh:
+                self._fh.close()
+            self._fields = list(dict.fromkeys(k for r in self.rows for k in r))
             self._fh = self.path.open("w", newline="")
-            self._writer = csv.DictWriter(self._fh, fieldnames=list(row))
+            self._writer = csv.DictWriter(self._fh, fieldnames=self._fields)
             self._writer.writeheader()
+            self._writer.writerows(self.rows[:-1])
         self._writer.writerow(row)
         self._fh.flush()
 
     def write(self, row: dict[str, float]) -> None:
         self._row(row)
-        for k, v in row.items():
-            if k != "step":
-                self.tb.add_scalar(k, v, int(row["step"]))
+        if self.tb:
+            for k, v in row.items():
+                if k != "step":
+                    self.tb.add_scalar(k, v, int(row["step"]))
+        if self.wandb:
+            self.wandb.log({k: v for k, v in row.items() if k != "step"}, step=int(row["step"]))
 
     def close(self) -> None:
         if self._fh:
             self._fh.close()
-        self.tb.close()
+        if self.tb:
+            self.tb.close()
+        if self.wandb:
+            self.wandb.finish()
+
+
+def start_wandb(out: Path, config: dict):
+    """A wandb run for this run directory: offline unless WANDB_MODE says otherwise (no network
+    needed; `wandb sync OUT/wandb/...` uploads later); WANDB_PROJECT names the project
+    (default reprpo). A resumed run continues the same wandb run (its id is kept in OUT)."""
+    import os
+    import uuid
+
+    try:
+        import wandb
+    except ImportError as e:
+        raise ConfigError("train.report_to wandb: the wandb package is not installed. pip install 'reprpo[wandb]' "
+                          "(or pip install wandb), or drop wandb from --train.report_to.") from e
+    id_file = out / ".wandb-id"
+    run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
+    id_file.write_text(run_id)
+    mode = os.environ.get("WANDB_MODE", "offline")
+    run = wandb.init(project=os.environ.get("WANDB_PROJECT", "reprpo"), name=out.name, id=run_id, resume="allow",
+                     dir=str(out), config=config, mode=mode, settings=wandb.Settings(silent=True))
+    print(f"wandb ({mode}): {out / 'wandb'}" + (" (upload later: wandb sync DIR)" if mode == "offline" else ""), file=sys.stderr)
+    return run
+
+
+class TrainingEval:
+    """`train.eval_every`: the first `train.eval_pairs` pairs of every eval split, scored with the
+    current adapter (the method's scorer, no grad, dropout off) every N steps; the rows get
+    `eval/SPLIT/accuracy` and `eval/SPLIT/margin`. Every process scores the same slice (no
+    collective calls); only process 0 logs."""
+
+    def __init__(self, cfg: RunConfig, tok, model, *, device_type: str):
+        from reprpo.eval.scoring import scoring_setup
+
+        _, sources = sources_of(cfg.data)
+        self.splits = {name: prepare(src, tok, cfg.data, limit=cfg.train.eval_pairs).tokenized for name, src in sources.items()}
+        self.pad_id = tok.pad_token_id
+        self.setup = scoring_setup(cfg, model, device_type=device_type) | {"workers": 1}
+
+    def __call__(self, model) -> dict[str, float]:
+        from reprpo.eval.scoring import score_pairs
+
+        was_training = model.training
+        model.eval()
+        try:
+            out = {}
+            for name, pairs in self.splits.items():
+                df = score_pairs(model, pairs, pad_id=self.pad_id, **self.setup)
+                out |= {f"eval/{name}/accuracy": float(df.correct.mean()), f"eval/{name}/margin": float(df.margin.mean())}
+            return out
+        finally:
+            model.train(was_training)
 
 
 def _finite(row: dict[str, float]) -> bool:
@@ -190,7 +262,6 @@ def train(cfg: RunConfig, *, resume: str | None = None) -> Path:
 def _train(cfg: RunConfig, out: Path, resume: str | None) -> Path:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
 
     from reprpo import checkpoint as ckpt
     from reprpo.data.shifts import check_sources
@@ -204,7 +275,10 @@ def _train(cfg: RunConfig, out: Path, resume: str | None) -> Path:
     if start is not None:
         state, meta = ckpt.read_checkpoint(start)
         ckpt.check_matches(meta, to_flat(cfg), path=start)
-    check_sources(cfg.data.shift, cfg.data.train, cfg.data.eval)
+    check_sources(cfg.data.shift, cfg.data.train, cfg.data.eval, eval_fraction=cfg.data.eval_fraction)
+    trackers = [t.strip() for t in tc.report_to.split(",") if t.strip() not in ("", "csv", "none")]
+    if "wandb" in trackers and importlib.util.find_spec("wandb") is None:
+        start_wandb(out, {})  # the clear error, before the model loads
     acc = Accelerator(cpu=device_type(tc.device) == "cpu", mixed_precision=tc.mixed_precision, gradient_accumulation_steps=tc.grad_accum)
     if start is None:
         if acc.is_main_process and start_clean(out):
@@ -221,7 +295,7 @@ def _train(cfg: RunConfig, out: Path, resume: str | None) -> Path:
 
     # data
     model, tok = load_model(cfg.model)
-    train_src, _ = data_sources(shift=cfg.data.shift, train=cfg.data.train, eval_splits=cfg.data.eval)
+    train_src, _ = sources_of(cfg.data)
     data = prepare(train_src, tok, cfg.data, limit=cfg.data.n_train)
     acc.print(f"train data: {data.summary()}")
     if note := preset_note(cfg):
@@ -242,7 +316,8 @@ def _train(cfg: RunConfig, out: Path, resume: str | None) -> Path:
     if cfg.speed.ref_cache and need.cached:  # one reference pass now, none in the loop (for what the cache holds)
         cache = build_ref_cache(model, data.tokenized, pad_id=tok.pad_token_id, layout=layout, batch_size=tc.batch_size,
                                 points=list(need.points), pooling=cfg.method.pooling, outlier_quantile=cfg.method.outlier_quantile,
-                                chunk=cfg.speed.logit_chunk, directions=lora_modules(model) if need.directions else None)
+                                chunk=cfg.speed.logit_chunk, directions=lora_modules(model) if need.directions else None,
+                                progress=tc.progress and acc.is_main_process)
     t_cache = time.time() - t_cache
     method.prepare(model, data.tokenized, pad_id=tok.pad_token_id, cache=cache, layout=layout)  # e.g. fit pca, size frames
     method.to(acc.device)
@@ -285,7 +360,8 @@ def _train(cfg: RunConfig, out: Path, resume: str | None) -> Path:
             sampler.resume(state["sampler/epoch_start"], skip=c["micro_in_epoch"] * acc.num_processes)
 
     save_yaml(cfg, out / "config.yaml")
-    log = MetricsLog(out, rows=rows, purge_step=c["step"] + 1) if acc.is_main_process else None
+    log = MetricsLog(out, trackers=tuple(trackers), rows=rows, purge_step=c["step"] + 1, config=to_dict(cfg)) if acc.is_main_process else None
+    in_training_eval = TrainingEval(cfg, tok, acc.unwrap_model(model), device_type=acc.device.type) if tc.eval_every else None
     where = f"resumed at step {c['step']} from {start}" if start else "->"
     acc.print(f"training {cfg.train.method}: {total} steps x {tc.batch_size * tc.grad_accum} pairs, {n_trainable:,} trainable params {where} {out}")
 
@@ -312,7 +388,7 @@ def _train(cfg: RunConfig, out: Path, resume: str | None) -> Path:
     last_ckpt = start
     last_good = next((r for r in reversed(rows) if _finite(r)), None)
     window, t_step = [], time.time()
-    bar = tqdm(total=total, initial=c["step"], disable=not (tc.progress and acc.is_main_process), desc=cfg.train.method)
+    bar = progress_bar(total=total, initial=c["step"], desc=cfg.train.method, unit="step", enabled=tc.progress and acc.is_main_process)
     while c["step"] < total:
         for batch in loader:
             if state is not None:  # mid-epoch: the RNG as it was after the checkpoint's step, set after
@@ -365,6 +441,8 @@ def _train(cfg: RunConfig, out: Path, resume: str | None) -> Path:
             row |= {"grad_norm": float(gnorm), "lr": lr, "sec_per_step": time.time() - t_step,
                     "pad_waste": 1.0 - c["real_tokens"] / max(1, c["padded_tokens"]), "bad_steps": c["bad_steps"]}
             window, t_step = [], time.time()
+            if in_training_eval and (step % tc.eval_every == 0 or step == total):
+                row |= in_training_eval(acc.unwrap_model(model))
             if bad and acc.is_main_process:
                 print(f"reprpo: step {step}: loss {row['loss']:.4g}, grad norm {row['grad_norm']:.4g}: not finite, no update "
                       f"({c['bad_in_row']} in a row, {c['bad_steps']} in all; stops at train.max_bad_steps={tc.max_bad_steps} in a row)",
@@ -407,6 +485,9 @@ def _train(cfg: RunConfig, out: Path, resume: str | None) -> Path:
                                 f"Lower --train.lr (now {tc.lr:g}).")
         final.save_pretrained(out)
         tok.save_pretrained(out)
+        from reprpo.model.loading import record_base
+
+        record_base(out, cfg.model, final)  # adapter_config.json names the user's base, not our cache; reprpo.json its fingerprint
         if len(method.state_dict()):
             torch.save(method.state_dict(), out / "method_state.pt")  # frames / pca bases
         report = {
@@ -420,4 +501,7 @@ def _train(cfg: RunConfig, out: Path, resume: str | None) -> Path:
             "dropped": dict(data.read_report.dropped), "tokenize": vars(data.token_report) | {"dropped": dict(data.token_report.dropped)}},
         }
         (out / "train_report.json").write_text(json.dumps(report, indent=2, default=str))
+        from reprpo.card import write_card
+
+        write_card(out, cfg)  # README.md in place of PEFT's empty template; `reprpo train` adds the eval table
     return out

@@ -12,7 +12,7 @@ def inspect_source(source: str, d: DataSettings, tok, *, tokenizer_name: str) ->
     from reprpo.data.readers import load_pairs
     from reprpo.data.tokenize import format_prompt, tokenize_pairs
 
-    pairs, rep = load_pairs(source, pairing=d.pairing, strict=d.strict, tokenizer=tok)
+    pairs, rep = load_pairs(source, pairing=d.pairing, strict=d.strict, tokenizer=tok, columns=d.columns)
     # untruncated lengths
     eos = 1 if d.append_eos else 0
     lens = {

@@ -32,6 +32,7 @@ class DropReport:
     n_pairs: int = 0  # pairs kept
     dropped: Counter = field(default_factory=Counter)  # reason -> count
     examples: dict[str, list[str]] = field(default_factory=dict)  # reason -> ["row 3", ...]
+    n_other_side: int = 0  # pairs of a hold-out source left to its other side (not drops)
 
     def drop(self, reason: str, where: str) -> None:
         self.dropped[reason] += 1
@@ -51,6 +52,8 @@ class DropReport:
                 for reason, n in self.dropped.most_common()
             ]
             s += "; dropped " + "; ".join(parts)
+        if self.n_other_side:
+            s += f"; {self.n_other_side} pairs on the other side of the hold-out"
         return s
 
 

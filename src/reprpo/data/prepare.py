@@ -19,6 +19,7 @@ class DataSettings(Protocol):
     max_prompt_length: int
     chat_template: bool
     append_eos: bool
+    columns: dict[str, str]  # {target: source column} renames (readers.load_pairs)
 
 
 @dataclass
@@ -37,7 +38,8 @@ def prepare(source: str, tokenizer, data: DataSettings, *, limit: int = 0) -> Pr
     from reprpo.data.readers import load_pairs
 
     pairs, rep = load_pairs(
-        source, pairing=data.pairing, strict=data.strict, tokenizer=tokenizer, limit=limit or None
+        source, pairing=data.pairing, strict=data.strict, tokenizer=tokenizer, limit=limit or None,
+        columns=data.columns,
     )
     tok, trep = tokenize_pairs(
         pairs, tokenizer, max_length=data.max_length, max_prompt_length=data.max_prompt_length,

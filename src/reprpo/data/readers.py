@@ -3,8 +3,23 @@
 One entry point, `load_pairs(source)`, where `source` is one of
 
     builtin:<dist>/<split>          the built-in suite (`reprpo.data.builtin`)
-    hf:<dataset_id>[:<split>]       a Hugging Face dataset (split defaults to "train")
+    hf:<owner>/<name>[:<config>][:<split>]
+                                    a Hugging Face dataset, as `datasets.load_dataset` takes it.
+                                    One part after the id is the split (`hf:org/data:test`); two
+                                    are the config, then the split (`hf:org/data:en:test`). The
+                                    split defaults to "train", the config to the dataset's
+                                    default; an empty part keeps the default (`hf:org/data:en:`).
+                                    Colons inside [...] belong to the split (`hf:org/data:train[:10%]`).
     path/to/file.{json,jsonl,parquet,csv}
+
+and any of them may end in a hold-out split by prompt (`holdout_source`):
+
+    <source>#holdout=<F>/test       the pairs whose prompt hashes below F (about a fraction F of
+                                    the prompts; every pair of a prompt on the same side)
+    <source>#holdout=<F>/train      the others: the training side of the same split
+
+`columns` ({target: source column}, `data.columns`) renames fields of file and dataset records
+before they are recognised, e.g. {"prompt": "question", "chosen": "good", "rejected": "bad"}.
 
 Every record (a JSON object, a table row, a dataset row) is recognised by its fields:
 
@@ -25,6 +40,7 @@ A source that cannot be read at all, or yields no valid pair, always raises `Dat
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -46,8 +62,14 @@ PAIRINGS.add("first", lambda dispreferred: dispreferred[:1])  # preferred vs the
 PAIRINGS.add("all", lambda dispreferred: list(dispreferred))  # one pair per dispreferred response
 _SOURCE_HELP = (
     "A source is a path to a .json, .jsonl, .parquet or .csv file, "
-    "'hf:<dataset_id>[:<split>]' or 'builtin:<dist>/<split>'."
+    "'hf:<owner>/<name>[:<config>][:<split>]' or 'builtin:<dist>/<split>'."
 )
+_HF_HELP = (
+    "A Hub source is hf:<owner>/<name>[:<config>][:<split>]: with one part after the id it is "
+    "the split (hf:org/data:test), with two the config and then the split (hf:org/data:en:test)."
+)
+# the fields a record is recognised by: the targets `columns` may rename a source column to
+COLUMN_TARGETS = ("prompt", "chosen", "rejected", "responses")
 
 
 class _BadRecord(Exception):
@@ -63,6 +85,54 @@ class _Row(NamedTuple):
     error: str | None = None  # set when the record could not even be parsed
 
 
+# --------------------------------------------------------------------------- hold-out split
+
+
+class Holdout(NamedTuple):
+    """One side of a split of a source by prompt: `test` holds about `fraction` of the prompts."""
+
+    fraction: float
+    side: Literal["train", "test"]
+
+    def keeps(self, key: str) -> bool:
+        """Whether a pair whose prompt is `key` is on this side: u(key) < fraction is `test`,
+        u = the first 8 bytes of sha256(key) / 2⁶⁴ ∈ [0, 1) (ours: seed- and order-independent,
+        so every pair of a prompt, in every run and stage, lands on the same side)."""
+        u = int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big") / 2**64
+        return (u < self.fraction) == (self.side == "test")
+
+    def describe(self) -> str:
+        pct = f"{100 * self.fraction:g}%"
+        return f"held-out {pct} by prompt" if self.side == "test" else f"without the held-out {pct} by prompt"
+
+
+def holdout_source(source: str, fraction: float, side: Literal["train", "test"]) -> str:
+    """`source#holdout=F/side`: one side of `source` split by prompt (see `Holdout.keeps`)."""
+    _check_fraction(fraction, where=source)
+    return f"{source}#holdout={fraction!r}/{side}"
+
+
+def split_holdout(source: str) -> tuple[str, Holdout | None]:
+    """`source#holdout=F/side` -> (source, Holdout(F, side)); a source without one -> (source, None)."""
+    base, sep, frag = source.rpartition("#")
+    if not sep or not frag.startswith("holdout="):
+        return source, None
+    value, _, side = frag.removeprefix("holdout=").partition("/")
+    try:
+        fraction = float(value)
+    except ValueError:
+        fraction = math.nan
+    if side not in ("train", "test") or not base:
+        raise DataError(f"Bad hold-out source {source!r}: expected SOURCE#holdout=F/test or SOURCE#holdout=F/train.")
+    _check_fraction(fraction, where=source)
+    return base, Holdout(fraction, side)  # type: ignore[arg-type]
+
+
+def _check_fraction(fraction: float, *, where: str) -> None:
+    if not 0 < fraction < 1:  # NaN fails too
+        raise DataError(f"{where}: the hold-out fraction must be in (0, 1), got {fraction}; fix data.eval_fraction.")
+
+
 # --------------------------------------------------------------------------- entry point
 
 
@@ -73,6 +143,7 @@ def load_pairs(
     strict: bool = False,
     tokenizer: PreTrainedTokenizerBase | None = None,
     limit: int | None = None,
+    columns: dict[str, str] | None = None,
 ) -> tuple[list[PreferencePair], DropReport]:
     """Read `source` into validated preference pairs and a report of what was dropped.
 
@@ -80,23 +151,42 @@ def load_pairs(
         file order) or "all" (one pair per dispreferred response).
     strict: raise `DataError` on the first bad record instead of dropping it.
     tokenizer: needed only for conversational records; its chat template renders them.
-    limit: keep only the first `limit` valid pairs (reading stops there).
+    limit: keep only the first `limit` valid pairs (reading stops there); of a hold-out
+        source, the first `limit` on its side.
+    columns: {target: source column} renames of file / dataset fields (not `builtin:`), e.g.
+        {"prompt": "question"}. A column missing from the first record is a `DataError`; a
+        later record without it is a bad record ("missing column ...").
     """
     if pairing not in PAIRINGS:
         raise ConfigError(f"pairing must be one of {tuple(PAIRINGS)}, got {pairing!r}.")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ConfigError(f"limit must be a positive integer or None, got {limit!r}.")
+    name, holdout = split_holdout(source)
+    if columns and (problem := column_problem(columns)):
+        raise DataError(f"{name}: data.columns: {problem}")
 
-    if source.startswith("builtin:"):
-        pairs, report = _load_builtin(source, limit=limit)
+    if name.startswith("builtin:"):
+        pairs, report = _load_builtin(name, limit=None if holdout else limit)
+        if holdout is not None:
+            kept = [p for p in pairs if holdout.keeps(p.prompt)][:limit]
+            report.n_pairs, report.n_other_side = len(kept), len(pairs) - len(kept)
+            pairs = kept
     else:
-        if source.startswith("hf:"):
-            rows = _hf_rows(source)
-        else:
-            rows = _file_rows(source)
-        report = DropReport(source=source)
+        rows = _hf_rows(name) if name.startswith("hf:") else _file_rows(name)
+        if columns:
+            rows = _renamed(rows, columns, source=name)
+        report = DropReport(source=name)
         pairs = _collect(
-            rows, report=report, pairing=pairing, strict=strict, tokenizer=tokenizer, limit=limit
+            rows, report=report, pairing=pairing, strict=strict, tokenizer=tokenizer, limit=limit,
+            holdout=holdout,
+        )
+    if not pairs and holdout is not None and report.n_other_side:
+        fix = ("raise data.eval_fraction, or pass eval data with --data.eval test=SOURCE"
+               if holdout.side == "test" else "lower data.eval_fraction")
+        raise DataError(
+            f"{source}: the {holdout.describe()} of {name} is empty ({report.summary()}): the "
+            f"split puts all pairs of a prompt on one side, so data with few prompts can leave "
+            f"a side empty. Fix: {fix}."
         )
     if not pairs:
         raise DataError(
@@ -129,8 +219,10 @@ def _collect(
     strict: bool,
     tokenizer: PreTrainedTokenizerBase | None,
     limit: int | None,
+    holdout: Holdout | None = None,
 ) -> list[PreferencePair]:
-    """Turn rows into pairs, counting every row read and every drop in `report`."""
+    """Turn rows into pairs, counting every row read and every drop in `report`; with a
+    `holdout`, pairs on its other side are only counted (`report.n_other_side`)."""
     pairs: list[PreferencePair] = []
     for row in rows:
         report.n_rows += 1
@@ -156,6 +248,10 @@ def _collect(
             _drop(report, str(e), where=row.where, strict=strict)
             continue
         for prompt, chosen, rejected, extra in candidates:
+            key = extra.pop(_PROMPT_KEY, prompt)  # what the hold-out hashes: the prompt as written
+            if holdout is not None and isinstance(key, str) and not holdout.keeps(key):
+                report.n_other_side += 1
+                continue
             keep_or_drop(
                 report,
                 pairs,
@@ -169,6 +265,11 @@ def _collect(
             if limit is not None and len(pairs) >= limit:
                 return pairs
     return pairs
+
+
+# `extra` key of a candidate pair: the text `Holdout.keeps` hashes when the pair's prompt is
+# rendered (conversations: the prompt messages, so the split does not depend on the template)
+_PROMPT_KEY = "_prompt_key"
 
 
 def _drop(report: DropReport, reason: str, *, where: str, strict: bool) -> None:
@@ -281,7 +382,8 @@ def _conversation_pair(
         if not full.startswith(prompt_text):
             raise _BadRecord("chat template does not extend the prompt")
         responses.append(full[len(prompt_text) :])
-    return prompt_text, responses[0], responses[1], {}
+    key = json.dumps([[m["role"], m["content"]] for m in prompt_msgs], ensure_ascii=False)
+    return prompt_text, responses[0], responses[1], {_PROMPT_KEY: key}
 
 
 def _messages(value: Any, *, field: str) -> list[dict[str, Any]]:
@@ -311,6 +413,54 @@ def _apply_template(
     if not isinstance(text, str):
         raise _BadRecord(f"chat template returned {type(text).__name__}, not text")
     return text
+
+
+# --------------------------------------------------------------------------- column renames
+
+
+def column_problem(columns: dict[str, str]) -> str | None:
+    """What is wrong with a {target: source column} mapping (None if nothing): unknown targets,
+    empty source names, one source column given to two targets."""
+    for target, src in columns.items():
+        if target not in COLUMN_TARGETS:
+            hint = f" (written the other way round? use {src}={target})" if src in COLUMN_TARGETS else ""
+            return (f"unknown target column {target!r}{hint}; targets are {', '.join(COLUMN_TARGETS)}, "
+                    "given as TARGET=SOURCE_COLUMN, e.g. prompt=question,chosen=good,rejected=bad.")
+        if not src:
+            return f"no source column given for {target!r}; write {target}=SOURCE_COLUMN."
+    sources = list(columns.values())
+    for src in sources:
+        if sources.count(src) > 1:
+            both = " and ".join(t for t, s in columns.items() if s == src)
+            return f"source column {src!r} is renamed to both {both}; each target needs its own column."
+    return None
+
+
+def _renamed(rows: Iterable[_Row], columns: dict[str, str], *, source: str) -> Iterator[_Row]:
+    """Rows with each record's `columns` sources renamed to their targets (sources removed, so
+    `chosen=rejected,rejected=chosen` swaps). A column missing from the first record (a typo, a
+    table without it) raises `DataError`; missing from a later one, that record is bad."""
+    first = True
+    for row in rows:
+        if row.error is None and isinstance(row.record, dict):
+            missing = [(t, s) for t, s in columns.items() if s not in row.record]
+            if missing and first:
+                target, src = missing[0]
+                have = ", ".join(map(repr, row.record)) or "none"
+                raise DataError(
+                    f"{source}, {row.where}: data.columns renames column {src!r} to {target!r}, but "
+                    f"the record has no column {src!r} (its columns: {have}). Fix --data.columns "
+                    "(TARGET=SOURCE_COLUMN, e.g. prompt=question) or the data."
+                )
+            first = False
+            if missing:
+                target, src = missing[0]
+                yield row._replace(record=None, error=f"missing column '{src}' (renamed to '{target}' by data.columns)")
+                continue
+            record = {k: v for k, v in row.record.items() if k not in columns.values()}
+            record |= {t: row.record[s] for t, s in columns.items()}
+            row = row._replace(record=record)
+        yield row
 
 
 # --------------------------------------------------------------------------- files
@@ -413,12 +563,30 @@ def _read_csv(path: Path, *, source: str) -> list[dict[str, Any]]:
 # --------------------------------------------------------------------------- Hugging Face Hub
 
 
+def parse_hf_source(source: str) -> tuple[str, str | None, str]:
+    """`hf:ID[:CONFIG][:SPLIT]` -> (dataset id, config or None, split, default "train").
+
+    One part after the id is the split, two are the config then the split; colons inside
+    [...] (split slices such as `train[:10%]`) do not separate parts.
+    """
+    parts, depth, cur = [], 0, ""
+    for ch in source.removeprefix("hf:"):
+        depth += (ch == "[") - (ch == "]")
+        if ch == ":" and depth <= 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    parts.append(cur)
+    if not parts[0] or len(parts) > 3:
+        raise DataError(f"Bad Hub source {source!r}. {_HF_HELP}")
+    config, split = (parts[1], parts[2]) if len(parts) == 3 else (None, parts[1] if len(parts) == 2 else "")
+    return parts[0], config or None, split or "train"
+
+
 def _hf_rows(source: str) -> Iterator[_Row]:
-    """`hf:<dataset_id>[:<split>]` via `datasets.load_dataset`; every failure is a `DataError`."""
-    dataset_id, _, split = source.removeprefix("hf:").partition(":")
-    split = split or "train"
-    if not dataset_id:
-        raise DataError(f"Bad Hub source {source!r}: expected 'hf:<dataset_id>[:<split>]'.")
+    """`hf:<owner>/<name>[:<config>][:<split>]` via `datasets.load_dataset`; every failure is a `DataError`."""
+    dataset_id, config, split = parse_hf_source(source)
     try:
         import datasets
     except ImportError as e:
@@ -428,14 +596,18 @@ def _hf_rows(source: str) -> Iterator[_Row]:
         ) from e
     try:
         with _hub_offline_from_env():
-            ds = datasets.load_dataset(dataset_id, split=split)
-    except Exception as e:  # offline, not found, bad split, auth, corrupt cache: all one story
+            if config is None:
+                ds = datasets.load_dataset(dataset_id, split=split)
+            else:
+                ds = datasets.load_dataset(dataset_id, config, split=split)
+    except Exception as e:  # offline, not found, bad config or split, auth, corrupt cache: all one story
         offline = " (HF_HUB_OFFLINE is set)" if _env_offline() else ""
+        cfg = f", config {config!r}" if config else ""
         raise DataError(
-            f"Could not load Hugging Face dataset {dataset_id!r}, split {split!r} "
-            f"({type(e).__name__}: {e}). The machine may be offline{offline}, or the id or split "
-            "may be wrong. Check the id on huggingface.co, or download the data where there is "
-            "network and pass a local .json/.jsonl/.parquet/.csv file instead."
+            f"Could not load Hugging Face dataset {dataset_id!r}{cfg}, split {split!r} "
+            f"({type(e).__name__}: {e}). The machine may be offline{offline}, or the id, config "
+            f"or split may be wrong. {_HF_HELP} Check the id on huggingface.co, or download the "
+            "data where there is network and pass a local .json/.jsonl/.parquet/.csv file instead."
         ) from e
     return _indexed_rows(ds, source=source)
 

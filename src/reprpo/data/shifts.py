@@ -2,6 +2,9 @@
 
 A shift spec is `builtin:NAME` (the package's generated suite) or `PATH/shifts.json:NAME`
 (GENIES layout: PATH/<dist>/train.json and test.json beside the shifts file).
+
+`data_sources` turns a run's data settings into its sources; it is the one rule, so training
+and evaluation see the same data. Own data without eval data is split by prompt there.
 """
 
 from __future__ import annotations
@@ -10,9 +13,12 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from reprpo.data.readers import holdout_source, parse_hf_source, split_holdout
 from reprpo.errors import ConfigError, DataError
 
 SPLITS = ("train", "test", "oos", "rnd")
+DEFAULT_SHIFT = "builtin:difficulty"  # the data when neither data.shift nor data.train is set
+EVAL_FRACTION = 0.1  # the default of data.eval_fraction (config.DataConfig repeats it)
 
 
 @dataclass(frozen=True)
@@ -74,44 +80,65 @@ def resolve_shift(spec: str) -> Shift:
     )
 
 
-def data_sources(*, shift: str, train: str, eval_splits: dict[str, str]) -> tuple[str, dict[str, str]]:
-    """(training source, eval splits) from the config: explicit values override the shift's."""
-    if shift:
-        s = resolve_shift(shift)
+def data_sources(*, shift: str, train: str, eval_splits: dict[str, str],
+                 eval_fraction: float = EVAL_FRACTION) -> tuple[str, dict[str, str]]:
+    """(training source, eval splits) from the config: explicit values override the shift's.
+
+    - data.shift set (or neither data.shift nor data.train: `DEFAULT_SHIFT`): the shift's
+      training data and splits train/test/oos/rnd, each replaced by data.train / data.eval if set.
+    - data.train and data.eval, no shift: those.
+    - data.train alone: its prompts are split (`readers.holdout_source`): the pairs of about
+      `eval_fraction` of them are held out, never trained on, and scored as split `test`; the
+      rest are the training data, scored in-sample as split `train`. No built-in data is used.
+    """
+    if shift or not train:
+        s = resolve_shift(shift or DEFAULT_SHIFT)
         return train or s.train, eval_splits or s.splits
-    if not train:
-        raise ConfigError("Set data.train (a data source) or data.shift (a named shift).")
-    return train, eval_splits or {"train": train}
+    if eval_splits:
+        return train, eval_splits
+    kept = holdout_source(train, eval_fraction, "train")
+    return kept, {"train": kept, "test": holdout_source(train, eval_fraction, "test")}
 
 
-def check_sources(shift: str, train: str, eval_splits: dict[str, str]) -> None:
+def sources_of(data) -> tuple[str, dict[str, str]]:
+    """`data_sources` of a `config.DataConfig` (its shift, train, eval and eval_fraction)."""
+    return data_sources(shift=data.shift, train=data.train, eval_splits=data.eval, eval_fraction=data.eval_fraction)
+
+
+def check_sources(shift: str, train: str, eval_splits: dict[str, str], *, eval_fraction: float = EVAL_FRACTION) -> None:
     """Check every source a run needs (as `data_sources` resolves them) before any model loads.
 
     A file must exist, be a readable file and have a suffix a reader knows;
-    `builtin:DIST/SPLIT` must name a built-in distribution and split. `hf:` sources are not
-    checked: that needs the Hub (or its cache) and can be slow, so they fail when read.
+    `builtin:DIST/SPLIT` must name a built-in distribution and split. `hf:` sources are only
+    parsed: reading them needs the Hub (or its cache) and can be slow, so they fail when read.
     Raises DataError (ConfigError for an unknown shift) naming the split, the source and the fix.
     """
-    train_src, splits = data_sources(shift=shift, train=train, eval_splits=eval_splits)
-    from_shift = f"data.shift {shift}"
+    train_src, splits = data_sources(shift=shift, train=train, eval_splits=eval_splits, eval_fraction=eval_fraction)
+    used = shift or ("" if train else DEFAULT_SHIFT)
+    from_shift = f"data.shift {used}" + ("" if shift else " (the default without data.train)")
     needed = [(f"training data ({'data.train' if train else from_shift})", train_src,
                "data.train" if train else "data.shift")]
     for name, src in splits.items():
         if eval_splits:
             needed.append((f"data.eval {name}", src, "data.eval"))
-        elif shift:
+        elif used:
             needed.append((f"eval split {name} of {from_shift}", src, "data.shift"))
-        else:  # no shift, no data.eval: the training data is the only split
-            needed.append((f"eval split {name} (= data.train)", src, "data.train"))
+        else:  # no shift, no data.eval: both splits are sides of data.train split by prompt
+            needed.append((f"eval split {name} (a side of data.train split by prompt)", src, "data.train"))
     seen: set[str] = set()
     for label, src, field in needed:
-        if src not in seen:
-            seen.add(src)
-            _check_source(src, label=label, field=field)
+        base, _ = split_holdout(src)
+        if base not in seen:
+            seen.add(base)
+            _check_source(base, label=label, field=field)
 
 
 def _check_source(src: str, *, label: str, field: str) -> None:
     if src.startswith("hf:"):
+        try:
+            parse_hf_source(src)
+        except DataError as e:
+            raise DataError(f"{label}: {e} Fix {field}.") from e
         return
     if src.startswith("builtin:"):
         from reprpo.data.builtin import DISTRIBUTIONS, SIZES

@@ -11,12 +11,15 @@ to count (every generation shorter than n) are 0.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
 from reprpo.data.tokenize import format_prompt
 from reprpo.model.forward import adapter_disabled
+from reprpo.progress import bar
 
 N_PROMPTS = 4
 MAX_NEW_TOKENS = 32
@@ -42,9 +45,9 @@ def ngram_metrics(generations: Sequence[Sequence[int]]) -> dict[str, float]:
 
 @torch.no_grad()
 def generate_greedy(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, chat_template: bool,
-                    max_prompt_length: int | None = None) -> list[list[int]]:
+                    max_prompt_length: int | None = None, desc: str = "generate", progress: bool = True) -> list[list[int]]:
     """Greedy continuation token ids of each prompt (one prompt at a time: no padding effects),
-    cut at the first EOS."""
+    cut at the first EOS. A progress bar `desc` counts the prompts."""
     from transformers import GenerationConfig
 
     device = next(model.parameters()).device
@@ -52,7 +55,7 @@ def generate_greedy(model, tokenizer, prompts: Sequence[str], *, max_new_tokens:
     gcfg = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=eos,
                             pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos)
     out = []
-    for prompt in prompts:
+    for prompt in bar(prompts, desc=desc, unit="prompt", enabled=progress):
         text = format_prompt(tokenizer, prompt, chat_template=chat_template)
         ids = tokenizer(text, add_special_tokens=not chat_template)["input_ids"]  # as tokenize_pairs does
         if max_prompt_length:
@@ -67,33 +70,46 @@ def generate_greedy(model, tokenizer, prompts: Sequence[str], *, max_new_tokens:
 
 
 def generation_check(model, tokenizer, prompts: list[str], *, max_new_tokens: int = MAX_NEW_TOKENS,
-                     chat_template: bool, max_prompt_length: int | None = None) -> dict[str, float]:
+                     chat_template: bool, max_prompt_length: int | None = None,
+                     texts: list[str] | None = None, desc: str = "generate", progress: bool = True) -> dict[str, float]:
     """Greedy-generate from `prompts` with `model` as it is (adapter on or off is the caller's
-    choice) and return `ngram_metrics` of the continuations."""
+    choice) and return `ngram_metrics` of the continuations; `texts`, when given, receives the
+    decoded continuations."""
     was_training = model.training
     model.eval()
     try:
         gens = generate_greedy(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
-                               chat_template=chat_template, max_prompt_length=max_prompt_length)
+                               chat_template=chat_template, max_prompt_length=max_prompt_length, desc=desc, progress=progress)
     finally:
         model.train(was_training)
+    if texts is not None:
+        texts += tokenizer.batch_decode(gens, skip_special_tokens=True)
     return ngram_metrics(gens)
 
 
-def run_coherence(cfg, *, adapter_dir, n_prompts: int = N_PROMPTS,
-                  max_new_tokens: int = MAX_NEW_TOKENS) -> dict[str, dict[str, float]]:
+def run_coherence(cfg, *, adapter_dir, n_prompts: int = N_PROMPTS, max_new_tokens: int = MAX_NEW_TOKENS,
+                  save: Path | None = None) -> dict[str, dict[str, float]]:
     """{'base': metrics, 'adapter': metrics} on the first `n_prompts` prompts of the config's
-    `test` split (else its first eval split); base = the same model with the adapter off."""
+    `test` split (else its first eval split); base = the same model with the adapter off.
+    `save`: a JSON-lines file of every generation ({"model", "prompt", "text"}), base first."""
     from reprpo.data.readers import load_pairs
-    from reprpo.data.shifts import data_sources
+    from reprpo.data.shifts import sources_of
     from reprpo.model.loading import device_type, load_model
 
     model, tok = load_model(cfg.model, adapter=adapter_dir, device=device_type(cfg.train.device))
-    _, splits = data_sources(shift=cfg.data.shift, train=cfg.data.train, eval_splits=cfg.data.eval)
+    _, splits = sources_of(cfg.data)
     source = splits.get("test") or next(iter(splits.values()))
-    pairs, _ = load_pairs(source, pairing=cfg.data.pairing, tokenizer=tok, limit=n_prompts)
+    pairs, _ = load_pairs(source, pairing=cfg.data.pairing, tokenizer=tok, limit=n_prompts, columns=cfg.data.columns)
     prompts = [p.prompt for p in pairs]
-    kw = dict(max_new_tokens=max_new_tokens, chat_template=cfg.data.chat_template, max_prompt_length=cfg.data.max_prompt_length)
+    kw = dict(max_new_tokens=max_new_tokens, chat_template=cfg.data.chat_template, max_prompt_length=cfg.data.max_prompt_length,
+              progress=cfg.train.progress)
+    texts: dict[str, list[str]] = {"base": [], "adapter": []}
     with adapter_disabled(model):
-        base = generation_check(model, tok, prompts, **kw)
-    return {"base": base, "adapter": generation_check(model, tok, prompts, **kw)}
+        base = generation_check(model, tok, prompts, texts=texts["base"], desc="generate (base)", **kw)
+    metrics = {"base": base, "adapter": generation_check(model, tok, prompts, texts=texts["adapter"], desc="generate (adapter)", **kw)}
+    if save is not None:
+        with Path(save).open("w") as fh:
+            for name, gens in texts.items():
+                for prompt, text in zip(prompts, gens, strict=True):
+                    fh.write(json.dumps({"model": name, "prompt": prompt, "text": text}) + "\n")
+    return metrics

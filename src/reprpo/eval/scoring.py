@@ -24,11 +24,13 @@ from reprpo.eval.stats import delta_pp, ppl_ratio
 from reprpo.methods.base import SCORERS, Scorer
 from reprpo.model import forward
 from reprpo.model.forward import adapter_disabled
+from reprpo.progress import bar
 
 
 @torch.no_grad()
 def score_pairs(model, pairs: list[TokenizedPair], *, pad_id: int, batch_size: int = 8, device=None,
-                layout: Layout = PADDED, chunk: int = 2048, workers: int = 1, scorer: Scorer | None = None) -> pd.DataFrame:
+                layout: Layout = PADDED, chunk: int = 2048, workers: int = 1, scorer: Scorer | None = None,
+                desc: str = "score", progress: bool = True) -> pd.DataFrame:
     """Per-pair scores in the order of `pairs`: the scorer's columns (default `logp_mean`: log-prob
     sums and token counts of chosen and rejected, margin ℓ̄⁺ − ℓ̄⁻), then correctness.
 
@@ -36,7 +38,8 @@ def score_pairs(model, pairs: list[TokenizedPair], *, pad_id: int, batch_size: i
     intra-op threads divided among them (`cpu_workers`): one thread per core has no
     per-operation synchronisation. On 2 CPU cores, W2 in fresh processes: two workers with one
     thread each 1.31 pairs/s, one worker with two threads 1.07-1.10 (bench/results/w2-workers.txt);
-    interleaved in one process the gain was 1-5% (bench/scoring_ab.py). Scores are the same."""
+    interleaved in one process the gain was 1-5% (bench/scoring_ab.py). Scores are the same.
+    A progress bar `desc` counts the pairs (the workers update it; its update is locked)."""
     device = device or next(model.parameters()).device
     scorer = scorer or SCORERS["logp_mean"]
     order = sorted(range(len(pairs)), key=lambda i: -pairs[i].length)  # longest first: OOM shows early
@@ -45,6 +48,7 @@ def score_pairs(model, pairs: list[TokenizedPair], *, pad_id: int, batch_size: i
     for s in range(0, len(order), batch_size):
         todo.put(order[s : s + batch_size])
     rows: dict[int, dict] = {}
+    pbar = bar(total=len(pairs), desc=desc, unit="pair", enabled=progress)
 
     @torch.no_grad()  # grad mode is per thread
     def work() -> None:
@@ -58,17 +62,19 @@ def score_pairs(model, pairs: list[TokenizedPair], *, pad_id: int, batch_size: i
             cols = {k: v.tolist() for k, v in scorer.fn(model, batch, chunk=chunk, prefix_store=prefix_store).items()}
             for j, i in enumerate(idx):
                 rows[i] = {"pair": pairs[i].index} | {k: v[j] for k, v in cols.items()}
+            pbar.update(len(idx))
 
     workers = max(1, min(workers, todo.qsize()))
-    if workers == 1:
-        work()
-    else:
-        # run_decoder switches the attention kernel per call; set it once here, so the workers'
-        # switches are no-ops and none of them restores the kernel under another's feet.
-        with forward.attention_impl(model, layout.attention if layout.packed else "keep"), intra_op_threads(max(1, torch.get_num_threads() // workers)):
-            with ThreadPoolExecutor(workers) as pool:
-                for f in [pool.submit(work) for _ in range(workers)]:
-                    f.result()  # re-raises a worker's error here
+    with pbar:
+        if workers == 1:
+            work()
+        else:
+            # run_decoder switches the attention kernel per call; set it once here, so the workers'
+            # switches are no-ops and none of them restores the kernel under another's feet.
+            with forward.attention_impl(model, layout.attention if layout.packed else "keep"), intra_op_threads(max(1, torch.get_num_threads() // workers)):
+                with ThreadPoolExecutor(workers) as pool:
+                    for f in [pool.submit(work) for _ in range(workers)]:
+                        f.result()  # re-raises a worker's error here
     return finish_scores(pd.DataFrame([rows[i] for i in range(len(pairs))]))
 
 
@@ -147,12 +153,12 @@ def summarize(df: pd.DataFrame, *, split: str | None = None, model: str | None =
 
 
 def base_scores_cached(model, pairs: list[TokenizedPair], *, pad_id: int, batch_size: int, layout: Layout = PADDED,
-                       chunk: int = 2048, scorer: Scorer | None = None) -> pd.DataFrame:
+                       chunk: int = 2048, scorer: Scorer | None = None, desc: str = "score (base)", progress: bool = True) -> pd.DataFrame:
     """Base-model scores of a log-prob scorer from the offline reference cache (computed once per model x data)."""
     from reprpo.model.refcache import build_ref_cache
 
     scorer = scorer or SCORERS["logp_mean"]
-    c = build_ref_cache(model, pairs, pad_id=pad_id, layout=layout, batch_size=batch_size, chunk=chunk)
+    c = build_ref_cache(model, pairs, pad_id=pad_id, layout=layout, batch_size=batch_size, chunk=chunk, desc=desc, progress=progress)
     row = {int(i): r for r, i in enumerate(c.pair_index.tolist())}
     r = [row[p.index] for p in pairs]
     cols = {"chosen_logp_sum": c.logp_sum[r, 0], "rejected_logp_sum": c.logp_sum[r, 1],
@@ -164,20 +170,22 @@ def base_scores_cached(model, pairs: list[TokenizedPair], *, pad_id: int, batch_
 
 def evaluate_splits(model, tokenizer, splits: dict[str, list[TokenizedPair]], *, batch_size: int, with_adapter: bool = True,
                     layout: Layout = PADDED, ref_cache: bool = False, chunk: int = 2048, workers: int = 1,
-                    scorer: Scorer | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+                    scorer: Scorer | None = None, progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Score each split for `base` (adapter off) and, if present, `adapter` (`workers`: see score_pairs;
     base scores from the reference cache are computed in one thread, as its activation capture needs).
 
     With `ref_cache`, base scores come from (and go to) the offline reference cache (log-prob
-    scorers only). Returns (summary table: one row per split, per-pair rows with split and model columns)."""
+    scorers only). One progress bar per split and model, `score SPLIT (MODEL)` (`progress=False`: none).
+    Returns (summary table: one row per split, per-pair rows with split and model columns)."""
     per_pair, table = [], []
     pad = tokenizer.pad_token_id
     scorer = scorer or SCORERS["logp_mean"]
-    lay = {"layout": layout, "scorer": scorer}
+    lay = {"layout": layout, "scorer": scorer, "progress": progress}
     for split, pairs in splits.items():
         row: dict[str, object] = {"split": split}
         variants = [("base", True)] + ([("adapter", False)] if with_adapter else [])
         for name, disable in variants:
+            lay["desc"] = f"score {split} ({name})"
             if disable and ref_cache and scorer.from_logps is not None:
                 df = base_scores_cached(model, pairs, pad_id=pad, batch_size=batch_size, chunk=chunk, **lay)
             elif disable:
@@ -199,10 +207,28 @@ def evaluate_splits(model, tokenizer, splits: dict[str, list[TokenizedPair]], *,
 
 
 def markdown_table(table: pd.DataFrame) -> str:
-    """The summary as a markdown table (accuracies in %, Δ in percentage points)."""
+    """The summary as a markdown table (accuracies in %, Δ in percentage points).
+
+    With a `source` column (evaluate_run adds it), one line per split names its source first,
+    e.g. `- test: my.json (held-out 10% by prompt, 23 pairs)`, after a line saying so when the
+    splits are slices of the training source (`data.train` alone: no separate eval data)."""
+    from reprpo.data.readers import split_holdout
+
+    lines = []
+    if "source" in table:
+        holdouts = [h for _, h in map(split_holdout, table["source"].astype(str)) if h is not None]
+        if holdouts:
+            lines.append(f"No eval data was given (data.eval, data.shift): the splits are slices of the training "
+                         f"data split by prompt; `test` is the held-out {100 * holdouts[0].fraction:g}% of its prompts "
+                         "(never trained on), `train` is in-sample. Pass --data.eval NAME=SOURCE for a separate eval set.")
+            lines.append("")
+        for _, r in table.iterrows():
+            name, h = split_holdout(str(r.source))
+            lines.append(f"- {r.split}: {name} ({h.describe() + ', ' if h else ''}{int(r.n)} pairs)")
+        lines.append("")
     has_adapter = "adapter_accuracy" in table
     head = ["split", "n", "base acc %"] + (["adapter acc %", "Δ pp"] if has_adapter else []) + ["base margin"] + (["adapter margin", "ppl ratio"] if has_adapter else [])
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for _, r in table.iterrows():
         cells = [str(r.split), str(int(r.n)), f"{100 * r.base_accuracy:.1f}"]
         if has_adapter:
@@ -241,7 +267,7 @@ def evaluate_run(cfg, *, adapter_dir: str | Path | None, out: Path) -> tuple[pd.
     """Load the base model (+ the adapter in `adapter_dir`), prepare the config's eval splits,
     score them and write summary.{md,csv} and per-pair scores to `out`."""
     from reprpo.data.prepare import prepare
-    from reprpo.data.shifts import data_sources
+    from reprpo.data.shifts import sources_of
     from reprpo.model.loading import device_type, load_model
     from reprpo.model.memory import keep_freed_memory
 
@@ -249,14 +275,15 @@ def evaluate_run(cfg, *, adapter_dir: str | Path | None, out: Path) -> tuple[pd.
         keep_freed_memory()
     device = device_type(cfg.train.device)
     model, tok = load_model(cfg.model, adapter=adapter_dir, device=device)
-    _, sources = data_sources(shift=cfg.data.shift, train=cfg.data.train, eval_splits=cfg.data.eval)
+    _, sources = sources_of(cfg.data)  # the rule train() uses, so a held-out slice is the one it left out
     splits, notes = {}, []
     for name, src in sources.items():
         prep = prepare(src, tok, cfg.data, limit=cfg.data.n_eval)
         splits[name] = prep.tokenized
         notes.append(f"{name}: {prep.summary()}")
     table, per_pair = evaluate_splits(model, tok, splits, with_adapter=adapter_dir is not None, ref_cache=cfg.speed.ref_cache,
-                                      **scoring_setup(cfg, model, device_type=device))
+                                      progress=cfg.train.progress, **scoring_setup(cfg, model, device_type=device))
+    table.insert(1, "source", [sources[s] for s in table["split"]])  # each split's source, in summary.{csv,md}
     write_eval(out, table, per_pair, fmt=cfg.eval.per_pair_format)
     (out / "data.txt").write_text("\n".join(notes) + "\n")
     return table, per_pair

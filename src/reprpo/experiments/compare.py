@@ -24,9 +24,11 @@ from reprpo.config import RunConfig, load_yaml, to_dict, to_flat
 from reprpo.data.shifts import check_sources, shift_spec
 from reprpo.errors import ConfigError, ReprpoError, TrainingError
 from reprpo.experiments import store
+from reprpo.progress import bar, write
 
 # keys that change where or how a run reports, never its results: left out of the run_id
-NOT_IN_RUN_ID = ("out", "train.progress", "train.save_every", "train.keep_checkpoints", "eval.after_train", "eval.per_pair_format")
+NOT_IN_RUN_ID = ("out", "train.progress", "train.save_every", "train.keep_checkpoints", "train.report_to", "train.eval_every",
+                 "train.eval_pairs", "eval.after_train", "eval.per_pair_format")
 
 
 def split_list(text: str) -> list[str]:
@@ -95,7 +97,8 @@ def curve_rows(metrics_csv: Path) -> list[tuple]:
     if not metrics_csv.is_file():
         return []
     m = pd.read_csv(metrics_csv)
-    return [(int(r["step"]), k, float(v)) for r in m.to_dict("records") for k, v in r.items() if k != "step"]
+    return [(int(r["step"]), k, float(v)) for r in m.to_dict("records") for k, v in r.items()
+            if k != "step" and not (k.startswith("eval/") and math.isnan(v))]  # eval/ columns: blank off eval steps
 
 
 def coherence_rows(metrics: dict[str, dict[str, float]]) -> list[tuple]:
@@ -146,7 +149,7 @@ def execute_run(cfg: RunConfig, con, *, run_id: str, owner: str):
     train(cfg, resume=resumable(cfg))  # a killed attempt's checkpoint is continued; else its files are cleared
     t1 = time.time()
     table, per_pair = evaluate_run(cfg, adapter_dir=out, out=out / "eval")
-    coh = run_coherence(cfg, adapter_dir=out)
+    coh = run_coherence(cfg, adapter_dir=out, save=out / "generations.jsonl")
     t2 = time.time()
     scores = {"split_scores": split_rows(table), "pair_scores": pair_rows(per_pair), "coherence": coherence_rows(coh)}
     for name, rows in scores.items():  # SQLite would store NaN as NULL (or refuse it): never write one
@@ -216,13 +219,14 @@ def run_grid(*, methods: list[str], shifts: list[str], seeds: list[int], base: R
                 grid.append(cfg)
 
     check_out_root(Path(out_root))
-    say = print if progress else (lambda *a, **k: None)
+    say = write if progress else (lambda *a, **k: None)  # write: a line that leaves the grid's bar intact
     con = store.connect(store_path)
     owner = store.owner_id()
     counts = {"done": 0, "skipped": 0, "busy": 0, "failed": 0, "recurring": 0}
     ids = []
+    pbar = bar(grid, desc="compare", unit="run", enabled=progress)  # counts a run when it is done, skipped or failed
     try:
-        for i, cfg in enumerate(grid, 1):
+        for i, cfg in enumerate(pbar, 1):
             rid = run_id_of(cfg)
             ids.append(rid)
             tag = f"[{i}/{len(grid)}] {cfg.train.method} {cfg.data.shift} seed {cfg.train.seed} ({rid})"
@@ -246,7 +250,7 @@ def run_grid(*, methods: list[str], shifts: list[str], seeds: list[int], base: R
                 if fail_fast or not isinstance(e, Exception):  # Ctrl-C stops the grid
                     raise
                 why = "will recur with these settings: fix the cause first" if recurs else "rerun to retry"
-                print(f"{tag}: FAILED ({why}): {type(e).__name__}: {e}", file=sys.stderr)  # even without progress
+                write(f"{tag}: FAILED ({why}): {type(e).__name__}: {e}", file=sys.stderr)  # even without progress
                 counts["failed"] += 1
                 counts["recurring"] += recurs
                 continue
@@ -257,6 +261,7 @@ def run_grid(*, methods: list[str], shifts: list[str], seeds: list[int], base: R
                 say(f"{tag}: finished, but another process took the run over; its results were kept")
                 counts["busy"] += 1
     finally:
+        pbar.close()
         con.close()
     if progress or counts["failed"]:
         print(f"{len(grid)} runs: {counts['done']} run now, {counts['skipped']} already done, "

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import html
 import math
+import os
 import re
 import time
 from pathlib import Path
@@ -284,16 +285,17 @@ def plot_transfer(rt: pd.DataFrame, path: Path) -> None:
 
 
 def plot_curves(frames: dict[str, pd.DataFrame], path: Path) -> bool:
-    """Training loss and reward margin vs step, mean over seeds per method (band: min–max over
-    seeds); rows = metric, columns = shift. Returns False (no file) when the store has no curves."""
+    """Training loss, reward margin and (with train.eval_every) each eval split's accuracy vs
+    step, mean over seeds per method (band: min–max over seeds); rows = metric, columns = shift. Returns False (no file) when the store has no curves."""
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
     cu = frames["curves"]
-    cu = cu[cu.key.isin(CURVE_KEYS)].merge(frames["runs"][["run_id", "method", "shift", "seed"]], on="run_id")
+    evals = sorted(k for k in set(cu.key) if k.startswith("eval/") and k.endswith("/accuracy"))  # train.eval_every
+    cu = cu[cu.key.isin([*CURVE_KEYS, *evals])].merge(frames["runs"][["run_id", "method", "shift", "seed"]], on="run_id")
     if cu.empty:
         return False
-    keys = [k for k in CURVE_KEYS if k in set(cu.key)]
+    keys = [k for k in [*CURVE_KEYS, *evals] if k in set(cu.key)]
     shifts = sorted(cu["shift"].unique())
     methods = _method_order(frames["runs"].method)
     colors = _colors(methods)
@@ -366,7 +368,20 @@ def _warnings(frames, summary: pd.DataFrame, tr: pd.DataFrame) -> list[str]:
     return notes
 
 
-def render_markdown(frames: dict[str, pd.DataFrame], *, store_path: str | Path, images: dict[str, str]) -> str:
+def generation_links(runs: pd.DataFrame, *, shift: str, report_dir: Path | None) -> list[str]:
+    """Markdown links to each run's generation texts (`OUT/RUN/generations.jsonl`, written by
+    compare's coherence check), relative to the report's folder."""
+    links = []
+    for r in runs[runs["shift"] == shift].sort_values(["method", "seed"]).itertuples():
+        path = Path(str(r.out_dir or "")) / "generations.jsonl"
+        if r.out_dir and path.is_file():
+            shown = os.path.relpath(path, report_dir) if report_dir else str(path)
+            links.append(f"[{r.method} seed {r.seed}]({shown})")
+    return links
+
+
+def render_markdown(frames: dict[str, pd.DataFrame], *, store_path: str | Path, images: dict[str, str],
+                    report_dir: Path | None = None) -> str:
     """The report's markdown from loaded frames; `images` maps a title to a PNG file name."""
     summary, overall = summary_table(frames), overall_table(frames)
     tr, co = transfer_table(frames), coherence_table(frames)
@@ -408,6 +423,8 @@ def render_markdown(frames: dict[str, pd.DataFrame], *, store_path: str | Path, 
             L += _md_table(["method", "metric", "seeds", "base", "adapter", "adapter − base"],
                            [[r.method, r.metric, str(r.seeds), _num(r.base, ".3f"), _num(r.adapter, ".3f"),
                              fmt_ci(r.diff, r.diff_hw, digits=3)] for r in c.itertuples()])
+            if links := generation_links(runs, shift=shift, report_dir=report_dir):
+                L += ["", "Generation texts (base and adapter, JSON lines): " + " · ".join(links)]
         L.append("")
     if images:
         L += ["## Plots", ""] + [f"![{title}]({name})" for title, name in images.items()] + [""]
@@ -420,6 +437,7 @@ def render_markdown(frames: dict[str, pd.DataFrame], *, store_path: str | Path, 
 def _inline(text: str) -> str:
     t = html.escape(text)
     t = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", t)
+    t = re.sub(r"\[([^\]]+)\]\(([^)\s]+)\)", r'<a href="\2">\1</a>', t)
     return re.sub(r"`(.+?)`", r"<code>\1</code>", t)
 
 
@@ -477,7 +495,7 @@ def render_report(store_path: str | Path, out_dir: str | Path) -> str:
             images["Δoos vs Δtest per run"] = "transfer.png"
     if plot_curves(frames, out / "curves.png"):
         images["Training curves"] = "curves.png"
-    md = render_markdown(frames, store_path=store_path, images=images)
+    md = render_markdown(frames, store_path=store_path, images=images, report_dir=out)
     (out / "report.md").write_text(md)
     (out / "report.html").write_text(markdown_to_html(md, image_dir=out))
     return md

@@ -31,6 +31,7 @@ from reprpo.config import RunConfig
 from reprpo.data.shifts import shift_spec
 from reprpo.errors import ConfigError, TrainingError
 from reprpo.methods import resolve_config
+from reprpo.progress import bar, write
 
 # --------------------------------------------------------------------------- search spaces
 # (kind, low, high) for "log" (log-uniform) / "float" (uniform); ("cat", choices) for categorical.
@@ -124,8 +125,9 @@ class _Scorer:
         kw = scoring_setup(cfg, model, device_type=next(model.parameters()).device.type)  # evaluate_run's layout and batch size
         if key not in self._base:
             with adapter_disabled(model):
-                self._base[key] = summarize(score_pairs(model, pairs, pad_id=tok.pad_token_id, **kw))
-        ad = summarize(score_pairs(model, pairs, pad_id=tok.pad_token_id, **kw))
+                self._base[key] = summarize(score_pairs(model, pairs, pad_id=tok.pad_token_id, desc=f"score {split} (base)",
+                                                        progress=cfg.train.progress, **kw))
+        ad = summarize(score_pairs(model, pairs, pad_id=tok.pad_token_id, desc=f"score {split} (adapter)", progress=cfg.train.progress, **kw))
         b = self._base[key]["accuracy"]
         return {"base": b, "adapter": ad["accuracy"], "delta_pp": delta_pp(ad["accuracy"], b)}
 
@@ -148,9 +150,10 @@ def trial_config(method: str, base: dict[str, Any], params: dict[str, Any], *, o
 
 def run_tune(method: str, *, shift: str, trials: int, base: dict[str, Any] | None = None,
              storage_path: str | Path = "runs/tune/optuna.sqlite", study_name: str = "",
-             out: str | Path = "runs/tune", keep_adapters: bool = False, log=print) -> TuneResult:
+             out: str | Path = "runs/tune", keep_adapters: bool = False, log=write) -> TuneResult:
     """Run trials until the study holds `trials` finished ones (a rerun resumes), save the best
-    params to out/best_params_{method}.yaml and return them."""
+    params to out/best_params_{method}.yaml and return them. A progress bar counts the trials
+    (each trial's own bars follow its `train.progress`, false unless the base config sets it)."""
     import optuna
 
     from reprpo.model.loading import device_type, load_model
@@ -224,7 +227,8 @@ def run_tune(method: str, *, shift: str, trials: int, base: dict[str, Any] | Non
                 shutil.rmtree(Path(adapter) / "tb", ignore_errors=True)
 
     if todo:
-        study.optimize(objective, n_trials=todo, catch=(TrainingError,))
+        with bar(total=todo, desc=f"tune {method}", unit="trial") as pbar:
+            study.optimize(objective, n_trials=todo, catch=(TrainingError,), callbacks=[lambda _study, _trial: pbar.update(1)])
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if not done:
         raise ConfigError(f"study {study_name!r}: no completed trial (all pruned or failed); run more --trials.")

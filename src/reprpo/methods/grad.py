@@ -141,6 +141,6 @@ def _build(cfg: RunConfig, model, preset: Preset) -> GradMethod:
 
 
 KINDS.add("grad", MethodKind("grad", _build, search_space=lambda cfg: LR | BETA | {"method.proj_beta": ("float", 0.0, 0.5)},
-                             init_loss=lambda cfg: LN2, help="DPO with the gradient projected on each pair's reference direction (DESIGN §5)"))
+                             init_loss=lambda cfg: LN2, help="DPO with the gradient projected on each pair's reference direction (docs/methods.md)"))
 register_preset("projgrad", "grad", help="DPO; each pair's LoRA-B gradient projected on its reference direction u_b")
 register_preset("projbp", "grad", help="DPO; each adapted module's output gradient projected on u_b (changes every upstream gradient)")

@@ -95,6 +95,6 @@ KINDS.add("output", MethodKind(
     "output", _build,
     search_space=lambda cfg: OUTPUT_LOSSES[cfg.train.method].space,
     init_loss=lambda cfg: OUTPUT_LOSSES[cfg.train.method].init(cfg),
-    help="losses over response log-probs (DESIGN §4)"))
+    help="losses over response log-probs (docs/methods.md)"))
 for _name, _spec in OUTPUT_LOSSES.items():
     register_preset(_name, "output", {"train.beta": 2.0} if _name == "simpo" else {}, _spec.help)

@@ -44,6 +44,7 @@ from reprpo.model.capture import (
 )
 from reprpo.model.forward import adapter_disabled, base_model, run_decoder, sequence_logps
 from reprpo.model.refcache import RefCache, RefOut
+from reprpo.progress import bar
 
 
 class ReprMethod(MethodBase):
@@ -79,6 +80,7 @@ class ReprMethod(MethodBase):
         self.tspec = tspec
         self.linear = tspec.linear and self.spec.token_fn is None
         self.lp_kw = lp_kwargs(cfg)
+        self.progress = cfg.train.progress  # bars over the reference passes of prepare()
         self.reference = RefNeeds(points=tuple(self.points) if self.linear else ())  # pooled reference activations to cache
         self._fixed_ref: dict[str, torch.Tensor] = {}  # non-linear but fixed T: pooled T(reference), (n, 2, k)
         self._fixed_row: dict[int, int] = {}  # pair index -> row of _fixed_ref
@@ -171,14 +173,17 @@ class ReprMethod(MethodBase):
         device = next(model.parameters()).device
         chunks: dict[str, list[torch.Tensor]] = {p.key: [] for p in self.points}
         layout = layout.for_pairs(data)
-        for s in range(0, len(data), batch_size):
-            batch = layout.collate(data[s : s + batch_size], pad_id=pad_id).to(device)
-            with adapter_disabled(model):
-                store, _ = self._acts(model, batch, logps=False)
-            for p in self.points:
-                v = self._pooled(p.key, store, batch) if transformed else self._pool_raw(store[p.key].float(), batch)  # (2b, ·)
-                b = v.shape[0] // 2
-                chunks[p.key].append(torch.stack([v[:b], v[b:]], 1))
+        desc = "reference activations" + (" (transformed)" if transformed else " (pca fit)" if self.tspec.needs_fit else "")
+        with bar(total=len(data), desc=desc, unit="pair", enabled=self.progress and len(data) > batch_size) as pbar:  # one batch: no bar
+            for s in range(0, len(data), batch_size):
+                batch = layout.collate(data[s : s + batch_size], pad_id=pad_id).to(device)
+                with adapter_disabled(model):
+                    store, _ = self._acts(model, batch, logps=False)
+                for p in self.points:
+                    v = self._pooled(p.key, store, batch) if transformed else self._pool_raw(store[p.key].float(), batch)  # (2b, ·)
+                    b = v.shape[0] // 2
+                    chunks[p.key].append(torch.stack([v[:b], v[b:]], 1))
+                pbar.update(batch.n_pairs)
         return {k: torch.cat(v) for k, v in chunks.items()}
 
     # -- loss --------------------------------------------------------------------------------
@@ -233,7 +238,7 @@ def _init_loss(cfg: RunConfig) -> float:
 
 
 KINDS.add("repr", MethodKind("repr", _build, search_space=lambda cfg: LR | dict(REPR_LOSSES[cfg.method.loss].space),
-                             init_loss=_init_loss, help="losses over captured, transformed, pooled activations (DESIGN §5)"))
+                             init_loss=_init_loss, help="losses over captured, transformed, pooled activations (docs/methods.md)"))
 for _name in repr_preset_names():
     _c, _t, _lo = _name.split("-")
     register_preset(_name, "repr", {"method.collection": _c, "method.transform": _t, "method.loss": _lo},

@@ -6,6 +6,8 @@ Only this module (and, later, activation capture) knows how a causal LM is laid 
 
 from __future__ import annotations
 
+import functools
+import inspect
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -86,6 +88,17 @@ def prefix_supported(model) -> bool:
     return not getattr(cfg, "sliding_window", None) and types == {"full_attention"}
 
 
+@functools.cache
+def _cache_arg_of(cls: type) -> str:
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
+
+
+def cache_arg(decoder) -> str:
+    """The decoder's KV-cache keyword (and output field): `cache` where transformers has it (5.x,
+    which deprecates `past_key_values` with a FutureWarning on every call), else `past_key_values`."""
+    return _cache_arg_of(type(decoder))
+
+
 PREFIX_STORE_SIZE = 4  # prefix encodings a no-grad scoring pass keeps (see prefix_kv)
 
 
@@ -99,7 +112,8 @@ def prefix_kv(decoder, prefix_ids: torch.Tensor, *, store: dict | None = None) -
     if key is not None and key in store:
         store[key][1] += 1
         return store[key][0]
-    cache = decoder(input_ids=prefix_ids[None], use_cache=True).past_key_values
+    out = decoder(input_ids=prefix_ids[None], use_cache=True)
+    cache = out.cache if cache_arg(decoder) == "cache" else out.past_key_values
     kv = [(layer.keys, layer.values) for layer in cache.layers]
     if key is not None:
         if len(store) >= PREFIX_STORE_SIZE:
@@ -140,7 +154,7 @@ def run_decoder(model, batch: PairBatch, *, prefix_store: dict | None = None) ->
         if batch.prefix_len:
             r = batch.input_ids.shape[0]
             kv = prefix_kv(decoder, batch.prefix_ids, store=None if torch.is_grad_enabled() else prefix_store)
-            kw |= {"past_key_values": DynamicCache([(k.expand(r, -1, -1, -1), v.expand(r, -1, -1, -1)) for k, v in kv]),
+            kw |= {cache_arg(decoder): DynamicCache([(k.expand(r, -1, -1, -1), v.expand(r, -1, -1, -1)) for k, v in kv]),
                    "use_cache": True}
         return decoder(**kw).last_hidden_state
 

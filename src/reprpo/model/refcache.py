@@ -26,6 +26,7 @@ from reprpo.data.layout import PADDED, Layout
 from reprpo.data.tokenize import PairBatch, TokenizedPair
 from reprpo.model.capture import CapturePoint, capture, pool
 from reprpo.model.forward import SeqLogps, adapter_disabled, base_model, sequence_logps
+from reprpo.progress import bar
 
 
 def directions_from_pooled(p: torch.Tensor) -> torch.Tensor:
@@ -121,11 +122,14 @@ def build_ref_cache(
     chunk: int = 2048,
     use_disk: bool = True,
     directions: dict[str, torch.nn.Module] | None = None,
+    progress: bool = True,
+    desc: str = "reference cache",
 ) -> RefCache:
     """Reference log-probs (and pooled activations at `points`, and projgrad/projbp directions
     at the `directions` modules, name -> LoRA-wrapped module) of every pair, from disk when a
     cache with the same fingerprint exists, else computed (adapter off) and saved. `layout` is
-    the training (or scoring) batches' layout, so the cached numerics are the policy's at init."""
+    the training (or scoring) batches' layout, so the cached numerics are the policy's at init.
+    A bar `desc` counts the pairs while they are computed (`progress=False`: none)."""
     points = points or []
     directions = directions or {}
     dir_points = [CapturePoint(f"dir.{n}", -1, m, "output") for n, m in sorted(directions.items())]
@@ -154,27 +158,29 @@ def build_ref_cache(
     was_training = model.training
     model.eval()
     try:
-        for s in range(0, n, batch_size):
-            chunk_pairs = pairs[s : s + batch_size]
-            batch = layout.collate(chunk_pairs, pad_id=pad_id).to(device)
-            b = len(chunk_pairs)
-            with adapter_disabled(model), capture(points + dir_points) as store:  # with a batch prefix, the rows' call comes last
-                lp = sequence_logps(model, batch, chunk=chunk, prefix_store=prefix_store)
-            logp[s : s + b] = torch.stack(lp.chosen_rejected(), 1).float().cpu()
-            ntok[s : s + b] = torch.stack([lp.n_tokens[:b], lp.n_tokens[b:]], 1).cpu()
-            for p in points:
-                h = pool(store[p.key].float()[batch.rows], response_mask=batch.response_mask,
-                         attention_mask=batch.pool_mask, mode=pooling, outlier_quantile=outlier_quantile)  # (2b, d)
-                if p.key not in acts:
-                    acts[p.key] = torch.zeros(n, 2, h.shape[-1])
-                acts[p.key][s : s + b] = torch.stack([h[:b], h[b:]], 1).cpu()
-            for p in dir_points:
-                u = directions_from_pooled(pool(store[p.key].float()[batch.rows], response_mask=batch.response_mask,
-                                                attention_mask=batch.pool_mask))  # (b, o): response means, chosen − rejected
-                name = p.key[len("dir."):]
-                if name not in dirs:
-                    dirs[name] = torch.zeros(n, u.shape[-1])
-                dirs[name][s : s + b] = u.cpu()
+        with bar(total=n, desc=desc, unit="pair", enabled=progress) as pbar:
+            for s in range(0, n, batch_size):
+                chunk_pairs = pairs[s : s + batch_size]
+                batch = layout.collate(chunk_pairs, pad_id=pad_id).to(device)
+                b = len(chunk_pairs)
+                with adapter_disabled(model), capture(points + dir_points) as store:  # with a batch prefix, the rows' call comes last
+                    lp = sequence_logps(model, batch, chunk=chunk, prefix_store=prefix_store)
+                logp[s : s + b] = torch.stack(lp.chosen_rejected(), 1).float().cpu()
+                ntok[s : s + b] = torch.stack([lp.n_tokens[:b], lp.n_tokens[b:]], 1).cpu()
+                for p in points:
+                    h = pool(store[p.key].float()[batch.rows], response_mask=batch.response_mask,
+                             attention_mask=batch.pool_mask, mode=pooling, outlier_quantile=outlier_quantile)  # (2b, d)
+                    if p.key not in acts:
+                        acts[p.key] = torch.zeros(n, 2, h.shape[-1])
+                    acts[p.key][s : s + b] = torch.stack([h[:b], h[b:]], 1).cpu()
+                for p in dir_points:
+                    u = directions_from_pooled(pool(store[p.key].float()[batch.rows], response_mask=batch.response_mask,
+                                                    attention_mask=batch.pool_mask))  # (b, o): response means, chosen − rejected
+                    name = p.key[len("dir."):]
+                    if name not in dirs:
+                        dirs[name] = torch.zeros(n, u.shape[-1])
+                    dirs[name][s : s + b] = u.cpu()
+                pbar.update(b)
     finally:
         model.train(was_training)
     cache = RefCache(fp, torch.tensor([p.index for p in pairs]), logp, ntok, acts, dirs)
