@@ -7,6 +7,7 @@ Only this module (and, later, activation capture) knows how a causal LM is laid 
 from __future__ import annotations
 
 import functools
+import hashlib
 import inspect
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -217,3 +218,20 @@ def adapter_disabled(model):
         return
     with peft.disable_adapter():
         yield
+
+
+def model_fingerprint(model) -> str:
+    """Hash of the base weights (LoRA tensors excluded: the reference runs with the adapter off)."""
+    lm = base_model(model)
+    cached = getattr(lm, "_reprpo_fingerprint", None)
+    if cached:
+        return cached
+    h = hashlib.blake2b(digest_size=16)
+    for name, p in sorted(lm.state_dict().items()):
+        if "lora_" in name:
+            continue
+        h.update(name.replace("base_layer.", "").encode())
+        h.update(str((tuple(p.shape), p.dtype)).encode())
+        h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    lm._reprpo_fingerprint = h.hexdigest()
+    return lm._reprpo_fingerprint

@@ -344,10 +344,10 @@ def record_base(run_dir: str | Path, mc, model) -> dict:
     """After save_pretrained: make the adapter in `run_dir` portable (`set_adapter_base` to
     `portable_name(mc.name)`) and record its base's name, dtype and fingerprint in reprpo.json
     (other keys there, e.g. the commands of a resumed run, are kept). `model` is the trained
-    PeftModel or its base; the fingerprint is `refcache.model_fingerprint` (blake2b over the
+    PeftModel or its base; the fingerprint is `forward.model_fingerprint` (blake2b over the
     base state dict's names, shapes, dtypes and bytes, LoRA tensors excluded; computed once per
     model object, and already there when training used the reference cache)."""
-    from reprpo.model.refcache import model_fingerprint
+    from reprpo.model.forward import model_fingerprint
 
     name = portable_name(mc.name)
     set_adapter_base(run_dir, name)
@@ -360,7 +360,7 @@ def check_base(adapter_dir: str | Path, mc, model) -> bool:
     """False, with a warning on stderr (not an error: a user may mean it), when `model` is not the
     base the adapter in `adapter_dir` was trained on. Not checked (True): no reprpo.json
     fingerprint (older runs), or a load in another dtype than training's (its bytes differ)."""
-    from reprpo.model.refcache import model_fingerprint
+    from reprpo.model.forward import model_fingerprint
 
     rec = read_run_record(adapter_dir)
     want = rec.get("base_fingerprint")

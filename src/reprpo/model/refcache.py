@@ -25,7 +25,13 @@ import torch.nn.functional as F
 from reprpo.data.layout import PADDED, Layout
 from reprpo.data.tokenize import PairBatch, TokenizedPair
 from reprpo.model.capture import CapturePoint, capture, pool
-from reprpo.model.forward import SeqLogps, adapter_disabled, base_model, sequence_logps
+from reprpo.model.forward import (  # noqa: F401 (model_fingerprint: re-exported)
+    SeqLogps,
+    adapter_disabled,
+    base_model,
+    model_fingerprint,
+    sequence_logps,
+)
 from reprpo.progress import bar
 
 
@@ -64,23 +70,6 @@ class RefCache:
         two = lambda x: torch.cat([x[rows, 0], x[rows, 1]]).to(dev)  # (2b, ...) chosen then rejected
         return RefOut(SeqLogps(two(self.logp_sum), two(self.n_tokens)), {k: two(v) for k, v in self.acts.items()},
                       {k: v[rows].to(dev) for k, v in self.dirs.items()})
-
-
-def model_fingerprint(model) -> str:
-    """Hash of the base weights (LoRA tensors excluded: the reference runs with the adapter off)."""
-    lm = base_model(model)
-    cached = getattr(lm, "_reprpo_fingerprint", None)
-    if cached:
-        return cached
-    h = hashlib.blake2b(digest_size=16)
-    for name, p in sorted(lm.state_dict().items()):
-        if "lora_" in name:
-            continue
-        h.update(name.replace("base_layer.", "").encode())
-        h.update(str((tuple(p.shape), p.dtype)).encode())
-        h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    lm._reprpo_fingerprint = h.hexdigest()
-    return lm._reprpo_fingerprint
 
 
 def data_fingerprint(pairs: list[TokenizedPair]) -> str:
