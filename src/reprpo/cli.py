@@ -1,4 +1,4 @@
-"""`reprpo` command line: train, eval, data inspect, shifts list.
+"""`reprpo` command line: train, eval, export, compare, report, tune, data inspect, shifts list.
 
 Every config field is an option `--section.field VALUE`; `--config FILE.yaml` is read first,
 then the options on top. The resolved config is saved with every run (config.yaml).

@@ -125,7 +125,7 @@ class SpeedConfig:
     share_prompt: bool = F(True, "encode each prompt once; chosen and rejected attend to it (4D mask); projbp with leaky rectify or renorm falls back to the padded layout")
     share_prefix: bool = F(True, "with share_prompt: tokens that begin every prompt of a batch (e.g. a template header) are encoded once per batch and given to every row as a KV cache")
     share_response: bool = F(True, "with share_prompt: the leading tokens chosen and rejected share are encoded once (the rejected tail branches off after them)")
-    packed_attention: str = F("auto", "attention kernel for the shared-prompt layout: auto (eager for CPU training, where sdpa's backward with a 4D mask measured 17%% slower; blocks for CPU scoring; the model's kernel on GPUs) | eager | sdpa | blocks (SDPA per block of queries over only the keys the block can see)")
+    packed_attention: str = F("auto", "attention kernel for the shared-prompt layout: auto (eager for CPU training, where sdpa's backward with a 4D mask measured 17% slower; blocks for CPU scoring; the model's kernel on GPUs) | eager | sdpa | blocks (SDPA per block of queries over only the keys the block can see)")
     ref_cache: bool = F(True, "compute reference log-probs (and pooled activations) once, cache them on disk, run no reference forward in training")
     response_logits: bool = F(True, "apply the output head only at response positions (off: full logits, the plain way)")
     logit_chunk: int = F(2048, "response tokens per chunk of the log-softmax (bounds logits memory)")
