@@ -186,3 +186,21 @@ def test_autopeft_loads_a_copied_run_of_a_local_checkpoint(tmp_path, monkeypatch
     assert torch.equal(_logits(model), _logits(ours))
     assert [portable_name(n) for n in ("HuggingFaceTB/SmolLM2-135M-Instruct", "smollm2-135m-instruct", "tiny-random")] == [
         "HuggingFaceTB/SmolLM2-135M-Instruct", "smollm2-135m-instruct", "tiny-random"]
+
+
+def test_reprpo_eval_finds_a_relative_local_base_from_another_directory(tmp_path, monkeypatch, capsys):
+    """`--model.name base-ckpt` (relative) is kept absolute in the run's config.yaml, so `reprpo
+    eval COPY` from another working directory finds the base. today: config.yaml kept
+    "base-ckpt", which from elsewhere is no directory (and looks like a Hub id)."""
+    import yaml
+
+    monkeypatch.chdir(tmp_path)
+    build_tiny_model(tmp_path / "base-ckpt")
+    assert main(["train", "--model.name", "base-ckpt", *TRAIN, "--eval.after_train", "false", "--out", "run"]) == 0
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["model"]["name"] == str((tmp_path / "base-ckpt").resolve())
+    (tmp_path / "elsewhere").mkdir()
+    copy = Path(shutil.copytree("run", tmp_path / "elsewhere" / "run"))
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    capsys.readouterr()
+    assert main(["--quiet", "eval", str(copy), "--data.n_eval", "4"]) == 0
+    assert "| test |" in capsys.readouterr().out

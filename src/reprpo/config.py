@@ -235,7 +235,17 @@ def apply_overrides(cfg: RunConfig, values: dict[str, Any], *, where: str) -> Ru
         typ = _field_type(type(sec), parts[1])
         setattr(sec, parts[1], _coerce(v, typ, where=f"{where}: {key}"))
     validate(cfg)
+    _absolute_model_path(cfg.model)
     return cfg
+
+
+def _absolute_model_path(mc: ModelConfig) -> None:
+    """A model given as a relative local path (a checkpoint directory or a .gguf file) is kept
+    absolute, so a run's config.yaml, its adapter and `reprpo eval RUN` find it from any
+    working directory. Names (`smollm2-135m-instruct`, Hub ids) are left as they are."""
+    p = Path(mc.name).expanduser()
+    if not p.is_absolute() and ((p / "config.json").is_file() or (p.suffix == ".gguf" and p.is_file())):
+        mc.name = str(p.resolve())
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
