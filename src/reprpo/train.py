@@ -207,7 +207,7 @@ class TrainingEval:
         try:
             out = {}
             for name, pairs in self.splits.items():
-                df = score_pairs(model, pairs, pad_id=self.pad_id, **self.setup)
+                df = score_pairs(model, pairs, pad_id=self.pad_id, progress=False, **self.setup)  # a few pairs: no bar
                 out |= {f"eval/{name}/accuracy": float(df.correct.mean()), f"eval/{name}/margin": float(df.margin.mean())}
             return out
         finally:
