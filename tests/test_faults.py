@@ -785,3 +785,65 @@ def test_pairs_cut_to_the_same_tokens_are_dropped_with_a_count():
     assert [p.index for p in out] == [1]
     (reason, n), = rep.dropped.items()
     assert n == 1 and "tokenise identically" in reason
+
+
+# -- found by a user-level probe after the first round ----------------------------------------------
+def test_a_run_killed_before_its_first_step_can_be_rerun(tmp_path, monkeypatch):
+    """A run stopped after config.yaml and tb/ exist but before any step is still a run
+    directory (OUT/.reprpo-run): the same command reruns into it. Found by a probe: the rerun
+    said "not empty and not a reprpo run directory (config.yaml, tb)"."""
+    import reprpo.train as t
+
+    out = tmp_path / "run"
+
+    def stop(*a, **k):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(t, "progress_bar", stop)
+        assert main(["train", *TINY, "--train.max_steps", "1", "--out", str(out)]) == 130
+    assert (out / "config.yaml").is_file() and not (out / "metrics.csv").exists()
+    assert main(["train", *TINY, "--train.max_steps", "1", "--out", str(out)]) == 0
+
+
+def test_an_lr_that_overflows_the_optimiser_is_a_clear_error(tmp_path, capsys):
+    """`--train.lr 1e38` is finite but overflows float32 inside AdamW: a clear error naming the
+    lr, not torch's RuntimeError traceback. Found by a probe."""
+    assert main(["train", *TINY, "--train.max_steps", "2", "--train.lr", "1e38", "--out", str(tmp_path / "r")]) == 2
+    assert "--train.lr 1e+38 is too large" in capsys.readouterr().err
+
+
+def test_eval_out_that_is_a_file_and_inspect_of_a_missing_file_fail_first(tmp_path, monkeypatch, capsys):
+    """`reprpo eval RUN --out FILE` is refused before scoring; `reprpo data inspect MISSING`
+    says so before any tokenizer (or model conversion) loads. Found by a probe: a raw
+    FileExistsError after every split was scored; a 25 s SmolLM2 conversion first."""
+    import reprpo.model.loading as loading
+
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "--train.max_steps", "1", "--out", str(run)]) == 0
+    f = tmp_path / "afile"
+    f.write_text("x")
+    monkeypatch.setattr(loading, "load_model_and_tokenizer", lambda *a, **k: pytest.fail("model loaded"))
+    monkeypatch.setattr(loading, "load_tokenizer", lambda *a, **k: pytest.fail("tokenizer loaded"))
+    assert main(["eval", str(run), "--out", str(f)]) == 2
+    assert f"--out {f}: is a file" in capsys.readouterr().err
+    assert main(["data", "inspect", str(tmp_path / "nofile.jsonl")]) == 2
+    assert "nofile.jsonl not found" in capsys.readouterr().err
+
+
+def test_an_empty_held_out_split_fails_before_training(tmp_path, capsys):
+    """A file so small that `data.eval_fraction` holds out no prompt: the error comes before
+    training, and no adapter is written. Found by a probe: it trained, saved, then failed."""
+    data = tmp_path / "few.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": f"q{i}?", "chosen": f" yes {i}", "rejected": f" no {i}"}) for i in range(3)))
+    out = tmp_path / "run"
+    assert main(["train", "--model.name", "tiny-random", "--data.train", str(data), "--data.eval_fraction", "0.01",
+                 "--train.max_steps", "1", "--train.batch_size", "2", "--train.progress", "false", "--out", str(out)]) == 2
+    assert "eval_fraction" in capsys.readouterr().err
+    assert not (out / "metrics.csv").exists() and not (out / "adapter_model.safetensors").exists()
+
+
+def test_tune_needs_a_trial(tmp_path, capsys):
+    """`tune --trials 0` is refused (it rewrote best_params from an old study). Found by a probe."""
+    assert main(["tune", "dpo", "--shift", "builtin:context", "--trials", "0", "--out", str(tmp_path / "t")]) == 2
+    assert "--trials 0" in capsys.readouterr().err

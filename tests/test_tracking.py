@@ -110,3 +110,16 @@ def test_wandb_offline_run_logs_without_network(tmp_path):
     records = list((out / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(records) == 1 and b"rewards/margin" in records[0].read_bytes()
     assert (out / "metrics.csv").is_file() and not (out / "tb").exists()
+
+
+def test_eval_every_scores_a_slice_of_the_final_eval_pairs(tiny):
+    """`train.eval_pairs` (16) above `data.n_eval` (4): the in-training eval scores the 4 pairs
+    the final table scores, so its curves and the table agree at the end. Found by a probe:
+    16 pairs scored during training vs 4 in the table."""
+    from reprpo.config import RunConfig, apply_overrides
+    from reprpo.train import TrainingEval
+
+    model, tok = tiny
+    cfg = apply_overrides(RunConfig(), {"model.name": "tiny-random", "data.n_eval": 4, "train.eval_every": 1}, where="test")
+    ev = TrainingEval(cfg, tok, model, device_type="cpu")
+    assert {k: len(v) for k, v in ev.splits.items()} == {"train": 4, "test": 4, "oos": 4, "rnd": 4}

@@ -94,7 +94,10 @@ def cmd_eval(args) -> int:
 
     adapter = None if args.base_only or not args.run else args.run
     out = Path(args.out) if args.out else (Path(args.run) / "eval" if args.run else Path("runs") / "eval-base")
-    check_sources(cfg.data.shift, cfg.data.train, cfg.data.eval)  # before the model loads
+    check_sources(cfg.data.shift, cfg.data.train, cfg.data.eval, eval_fraction=cfg.data.eval_fraction)  # before the model loads
+    from reprpo.rundir import check_out_dir
+
+    check_out_dir(out)
     with run_lock(Path(args.run)) if args.run else nullcontext():  # no `train` may rewrite the run meanwhile
         table, _ = evaluate_run(cfg, adapter_dir=adapter, out=out)
         if adapter is not None and out.resolve() == (Path(args.run) / "eval").resolve():
@@ -108,9 +111,11 @@ def cmd_eval(args) -> int:
 
 def cmd_inspect(args) -> int:
     from reprpo.data.inspect import inspect_source
+    from reprpo.data.shifts import check_sources
     from reprpo.model.loading import load_tokenizer
 
     cfg = build_config(args)
+    check_sources("", args.source, {"inspect": args.source})  # a missing file: said before a model is converted
     tok = load_tokenizer(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code)
     print(inspect_source(args.source, cfg.data, tok, tokenizer_name=cfg.model.name))
     return 0
@@ -165,7 +170,9 @@ def cmd_tune(args) -> int:
             base |= {f"{k}.{k2}": v2 for k2, v2 in v.items()} if isinstance(v, dict) else {k: v}
     base |= {k: v for k, v in (("data.n_train", args.n_train), ("data.n_eval", args.n_eval), ("train.max_steps", args.steps)) if v is not None}
     base |= overrides_from_args(args)
-    run_tune(args.method, shift=args.shift, trials=args.trials, base=base, storage_path=args.store,
+    if args.trials < 1:
+        raise ReprpoError(f"--trials {args.trials}: give the number of finished trials the study should hold (>= 1).")
+    run_tune(args.method, shift=args.shift, trials=args.trials, base=base, storage_path=args.store or Path(args.out) / "optuna.sqlite",
              study_name=args.study or "", out=args.out, keep_adapters=args.keep_adapters)
     return 0
 
@@ -301,7 +308,7 @@ def parser() -> argparse.ArgumentParser:
     tu.add_argument("method", help="method preset; its search space comes from its method kind (CONTRIBUTING.md)")
     tu.add_argument("--shift", required=True, help="validation shift (builtin:NAME or PATH/shifts.json:NAME); recorded as validated_on")
     tu.add_argument("--trials", type=int, required=True, help="finished trials the study should hold; a rerun resumes and adds the missing ones")
-    tu.add_argument("--store", default="runs/tune/optuna.sqlite", help="optuna SQLite storage (default: %(default)s)")
+    tu.add_argument("--store", help="optuna SQLite storage (default: OUT/optuna.sqlite)")
     tu.add_argument("--study", help="study name (default: METHOD@SHIFT)")
     tu.add_argument("--out", default="runs/tune", help="trial runs and best_params_METHOD.yaml go here (default: %(default)s)")
     tu.add_argument("--config", help="YAML base config (sections model, data, lora, train, method, eval)")
@@ -340,6 +347,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("reprpo: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `reprpo ... | head`: the reader left; stop quietly, as shell tools do
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

@@ -17,7 +17,8 @@ from reprpo.errors import TrainingError
 
 LOCK = ".lock"
 # what `reprpo train` writes: a directory holding config.yaml and one of these is a run directory
-RUN_MARKERS = ("metrics.csv", "train_report.json", "checkpoints", "adapter_config.json")
+MARKER = ".reprpo-run"  # written when a run starts: even a run killed before its first step is ours
+RUN_MARKERS = (MARKER, "metrics.csv", "train_report.json", "checkpoints", "adapter_config.json", "tb")
 _held: dict[Path, list] = {}  # path -> [file handle, depth]: re-entrant within one process
 
 
@@ -36,7 +37,7 @@ def check_out_dir(out: Path) -> None:
 
 
 def is_run_dir(out: Path) -> bool:
-    return (out / "config.yaml").is_file() and any((out / m).exists() for m in RUN_MARKERS)
+    return (out / MARKER).is_file() or ((out / "config.yaml").is_file() and any((out / m).exists() for m in RUN_MARKERS))
 
 
 @contextmanager
@@ -88,3 +89,8 @@ def start_clean(out: Path) -> bool:
     for p in entries:
         shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
     return True
+
+
+def mark_run(out: Path) -> None:
+    """Mark `out` as a run directory (before anything else is written into it)."""
+    (Path(out) / MARKER).touch()

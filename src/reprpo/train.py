@@ -195,7 +195,8 @@ class TrainingEval:
         from reprpo.eval.scoring import scoring_setup
 
         _, sources = sources_of(cfg.data)
-        self.splits = {name: prepare(src, tok, cfg.data, limit=cfg.train.eval_pairs).tokenized for name, src in sources.items()}
+        n = min(cfg.train.eval_pairs, cfg.data.n_eval) if cfg.data.n_eval else cfg.train.eval_pairs  # a slice of the final eval's pairs
+        self.splits = {name: prepare(src, tok, cfg.data, limit=n).tokenized for name, src in sources.items()}
         self.pad_id = tok.pad_token_id
         self.setup = scoring_setup(cfg, model, device_type=device_type) | {"workers": 1}
 
@@ -265,7 +266,7 @@ def _train(cfg: RunConfig, out: Path, resume: str | None) -> Path:
 
     from reprpo import checkpoint as ckpt
     from reprpo.data.shifts import check_sources
-    from reprpo.rundir import start_clean
+    from reprpo.rundir import mark_run, start_clean
 
     t0 = time.time()
     tc = cfg.train
@@ -288,6 +289,8 @@ def _train(cfg: RunConfig, out: Path, resume: str | None) -> Path:
             shutil.rmtree(out / "eval", ignore_errors=True)
         if acc.process_index:
             state, meta = ckpt.read_checkpoint(start, rank=acc.process_index)
+    if acc.is_main_process:
+        mark_run(out)
     acc.wait_for_everyone()
     set_seed(tc.seed)
     if cfg.speed.keep_memory:
@@ -297,6 +300,9 @@ def _train(cfg: RunConfig, out: Path, resume: str | None) -> Path:
     model, tok = load_model(cfg.model)
     train_src, _ = sources_of(cfg.data)
     data = prepare(train_src, tok, cfg.data, limit=cfg.data.n_train)
+    for src in sources_of(cfg.data)[1].values():  # a held-out slice of the training file: not empty, before training
+        if "#holdout=" in src and src != train_src:
+            prepare(src, tok, cfg.data, limit=1)
     acc.print(f"train data: {data.summary()}")
     if note := preset_note(cfg):
         acc.print(note)
@@ -362,7 +368,7 @@ def _train(cfg: RunConfig, out: Path, resume: str | None) -> Path:
     save_yaml(cfg, out / "config.yaml")
     log = MetricsLog(out, trackers=tuple(trackers), rows=rows, purge_step=c["step"] + 1, config=to_dict(cfg)) if acc.is_main_process else None
     in_training_eval = TrainingEval(cfg, tok, acc.unwrap_model(model), device_type=acc.device.type) if tc.eval_every else None
-    where = f"resumed at step {c['step']} from {start}" if start else "->"
+    where = f"resumed at step {c['step']} from {start} ->" if start else "->"
     acc.print(f"training {cfg.train.method}: {total} steps x {tc.batch_size * tc.grad_accum} pairs, {n_trainable:,} trainable params {where} {out}")
 
     def save_checkpoint() -> Path:
@@ -423,7 +429,13 @@ def _train(cfg: RunConfig, out: Path, resume: str | None) -> Path:
                         bad = acc.reduce(bad, reduction="sum")
                     lr = scheduler.get_last_lr()[0]
                     if not bad:
-                        optimizer.step()
+                        try:
+                            optimizer.step()
+                        except RuntimeError as e:  # e.g. an lr that overflows float32 inside AdamW
+                            if "overflow" not in str(e):
+                                raise
+                            raise TrainingError(f"step {c['step'] + 1}: the optimiser step overflowed ({e}); --train.lr {tc.lr:g} "
+                                                "is too large. Lower it.") from e
                         method.after_step(model, optimizer)  # e.g. projgrad's update projection
                     scheduler.step()  # a skipped step still uses its slot of the schedule
                     optimizer.zero_grad()

@@ -98,5 +98,5 @@ def keep_or_drop(
         report.n_pairs += 1
         return
     if strict:
-        raise DataError(f"{report.source}, {where}: {reason}. Fix or remove this row, or pass strict=False to drop it with a count.")
+        raise DataError(f"{report.source}, {where}: {reason}. Fix or remove this row, or pass --data.strict false to drop it with a count.")
     report.drop(reason, where)

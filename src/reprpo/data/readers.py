@@ -277,7 +277,7 @@ def _drop(report: DropReport, reason: str, *, where: str, strict: bool) -> None:
     if strict:
         raise DataError(
             f"{report.source}, {where}: {reason}. Fix or remove this row, or pass "
-            "strict=False to drop it with a count."
+            "--data.strict false to drop it with a count."
         )
     report.drop(reason, where)
 

@@ -158,7 +158,8 @@ def _check_source(src: str, *, label: str, field: str) -> None:
     path = Path(src)
     fix = f"fix the path in {field}" if field != "data.shift" else "add the file or pick another shift"
     if not path.exists():
-        raise DataError(f"{label}: data file {path} not found; {fix}.")
+        where = "" if path.is_absolute() else f" (a relative path, read from the current directory {Path.cwd()})"
+        raise DataError(f"{label}: data file {path} not found{where}; {fix}.")
     if path.is_dir():
         raise DataError(f"{label}: {path} is a directory, not a data file; {fix}.")
     if path.suffix.lower() not in READERS:

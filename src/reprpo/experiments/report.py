@@ -343,7 +343,7 @@ def _warnings(frames, summary: pd.DataFrame, tr: pd.DataFrame) -> list[str]:
     notes = []
     few = summary[summary.seeds < 3][["shift", "method"]].drop_duplicates()
     if len(few):
-        notes.append("Fewer than 3 seeds (DESIGN §6 asks ≥ 3): " + ", ".join(f"{m} @ {s}" for s, m in few.itertuples(index=False)) + ".")
+        notes.append("Fewer than 3 seeds (the protocol asks ≥ 3, docs/methods.md): " + ", ".join(f"{m} @ {s}" for s, m in few.itertuples(index=False)) + ".")
     for shift in sorted(summary["shift"].unique()):
         if REFERENCE not in set(summary[summary["shift"] == shift].method):
             notes.append(f"No {REFERENCE} runs for shift {shift}: no paired difference there.")

@@ -90,7 +90,7 @@ def check_not_reported(params_path: str | Path, reported_shifts: list[str]) -> N
     v = meta.get("validated_on")
     if v and shift_spec(v) in {shift_spec(s) for s in reported_shifts}:
         raise ConfigError(f"{params_path} was tuned on shift {v!r}, which is also a reported shift: tune on a "
-                          "validation shift that is not reported (DESIGN §6), or drop it from the reported shifts.")
+                          "validation shift that is not reported (docs/methods.md, Evaluation), or drop it from the reported shifts.")
 
 
 # --------------------------------------------------------------------------- one trial
