@@ -176,6 +176,9 @@ def test_resume_refuses_other_settings_or_code(straight, tmp_path, capsys):
     assert main(["train", "--resume", str(out)]) == 2
     assert "written by reprpo 0.0.1+000000000000" in capsys.readouterr().err
     assert main(["train", "--resume", str(tmp_path / "nowhere")]) == 2
+    assert "has no config.yaml, so it is not a reprpo run directory" in capsys.readouterr().err
+    shutil.rmtree(out / "checkpoints")
+    assert main(["train", "--resume", str(out)]) == 2
     assert "no checkpoint there" in capsys.readouterr().err
 
 
@@ -847,3 +850,14 @@ def test_tune_needs_a_trial(tmp_path, capsys):
     """`tune --trials 0` is refused (it rewrote best_params from an old study). Found by a probe."""
     assert main(["tune", "dpo", "--shift", "builtin:context", "--trials", "0", "--out", str(tmp_path / "t")]) == 2
     assert "--trials 0" in capsys.readouterr().err
+
+
+def test_a_train_that_fails_before_writing_leaves_no_directory(tmp_path, monkeypatch, capsys):
+    """Without --out, a run that fails before it writes anything (here: the model is missing)
+    leaves no `runs/METHOD-TIMESTAMP` behind. Found while testing: every such failure left an
+    empty run directory holding only the lock."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--model.name", "./no/such/model", "--eval.after_train", "false"]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+

@@ -61,6 +61,9 @@ def cmd_train(args) -> int:
 
             base = from_dict(load_yaml(run / "config.yaml"), where=str(run / "config.yaml"))
             base.out = str(run)
+        elif args.resume != "auto":
+            raise ReprpoError(f"--resume {args.resume}: {run} has no config.yaml, so it is not a reprpo run directory "
+                              "(pass the --out directory of `reprpo train`).")
     cfg = build_config(args, base=base)
     out = Path(cfg.out) if cfg.out else default_out(cfg)
     cfg.out = str(out)

@@ -20,11 +20,14 @@ LOCK = ".lock"
 MARKER = ".reprpo-run"  # written when a run starts: even a run killed before its first step is ours
 RUN_MARKERS = (MARKER, "metrics.csv", "train_report.json", "checkpoints", "adapter_config.json", "tb")
 _held: dict[Path, list] = {}  # path -> [file handle, depth]: re-entrant within one process
+_created: dict[Path, list[Path]] = {}  # run dir -> the directories this process made for it (removed again if nothing was written)
 
 
 def check_out_dir(out: Path) -> None:
     """`out` can be a run directory: not a file, creatable and writable (else a clear error)."""
     out = Path(out)
+    if not out.exists():  # remember what we make (the run directory and missing parents), deepest first
+        _created[out.resolve()] = [p.resolve() for p in (out, *out.parents) if not p.exists()]
     if out.exists() and not out.is_dir():
         raise TrainingError(f"--out {out}: is a file, not a directory. Pass a directory path (new or a run directory).")
     try:
@@ -74,6 +77,14 @@ def run_lock(out: Path) -> Iterator[None]:
         if _held[key][1] == 0:
             fh = _held.pop(key)[0]
             fh.close()  # releases the flock
+            if {p.name for p in key.iterdir()} <= {LOCK, MARKER}:  # failed before writing anything: leave no trace
+                for name in (LOCK, MARKER):
+                    (key / name).unlink(missing_ok=True)
+                for made in _created.pop(key, []):
+                    try:
+                        made.rmdir()  # only while empty
+                    except OSError:
+                        break
 
 
 def start_clean(out: Path) -> bool:
