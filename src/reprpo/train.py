@@ -298,9 +298,9 @@ def _train(cfg: RunConfig, out: Path, resume: str | None) -> Path:
 
     # data
     model, tok = load_model(cfg.model)
-    train_src, _ = sources_of(cfg.data)
+    train_src, eval_sources = sources_of(cfg.data)
     data = prepare(train_src, tok, cfg.data, limit=cfg.data.n_train)
-    for src in sources_of(cfg.data)[1].values():  # a held-out slice of the training file: not empty, before training
+    for src in eval_sources.values():  # a held-out slice of the training file: not empty, before training
         if "#holdout=" in src and src != train_src:
             prepare(src, tok, cfg.data, limit=1)
     acc.print(f"train data: {data.summary()}")

@@ -214,7 +214,7 @@ def run_grid(*, methods: list[str], shifts: list[str], seeds: list[int], base: R
                 d = cfg.data
                 sources = (d.shift, d.train, tuple(sorted(d.eval.items())))
                 if sources not in checked:  # a missing file: error now, not after every run has trained
-                    check_sources(d.shift, d.train, d.eval)
+                    check_sources(d.shift, d.train, d.eval, eval_fraction=d.eval_fraction)
                     checked.add(sources)
                 grid.append(cfg)
 

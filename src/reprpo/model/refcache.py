@@ -28,7 +28,6 @@ from reprpo.model.capture import CapturePoint, capture, pool
 from reprpo.model.forward import (  # noqa: F401 (model_fingerprint: re-exported)
     SeqLogps,
     adapter_disabled,
-    base_model,
     model_fingerprint,
     sequence_logps,
 )
