@@ -34,7 +34,10 @@ OFF = ["--speed.share_prompt", "false", "--speed.ref_cache", "false", "--speed.r
        "--speed.share_response", "false"]
 W3_PRESETS = ["hs-none-prefvec", "hs-pca-prefvec", "hs-hra-prefvec", "hs-ether-prefvec", "hs-ortho-prefvec",
               "hs-unembed_null-prefvec", "hs-suppressed-prefvec", "hs-none-mse", "hs-none-rank",
-              "hs-none-innerdpo", "hs-none-innerpo", "side-none-prefvec", "projgrad", "projbp"]
+              "hs-none-innerdpo", "hs-none-innerpo", "side-none-prefvec", "projgrad", "projbp", "fpo", "hs-sae-prefvec"]
+# fpo / hs-sae-*: a random TopK SAE of width 16·d, k 32 at the middle block (the speed does not
+# depend on the weights); pass --method.sae PATH after the preset to time another
+W3_SAE = {"d": 576, "width": 16 * 576, "k": 32, "layer": 15}
 
 
 def peak_rss_mb() -> float:
@@ -224,6 +227,14 @@ def main() -> None:
         # an entry may carry options after the preset: "dpo --speed.share_prefix false"
         presets = [p.strip() for p in args.presets.split(",") if p.strip()]
         programs = {"dpo": [me, "_ours"]} | {p: [me, "_ours", "--train.method", *shlex.split(p)] for p in presets}
+        sae_users = [p for p in presets if (p.split()[0] == "fpo" or "-sae-" in p.split()[0]) and "--method.sae" not in p]
+        if sae_users:
+            from reprpo.model.sae import TopKSAE
+
+            sae_dir = Path(tempfile.mkdtemp(prefix="w3-sae-"))
+            TopKSAE(**W3_SAE).save(sae_dir)
+            for p in sae_users:
+                programs[p] += ["--method.sae", str(sae_dir)]
 
     results: dict[str, list[dict]] = {k: [] for k in programs}
     for rnd in range(args.repeats):

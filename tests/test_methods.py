@@ -23,6 +23,10 @@ def _cfg(tmp_path, method, **over):
         "method.modules": "mlp.down_proj:input,self_attn.o_proj:output", "out": str(tmp_path / method),
     }
     cfg = apply_overrides(RunConfig(), preset_overrides(method), where="preset")
+    if cfg.method.layers == "sae" or cfg.method.transform == "sae":  # fpo, hs-sae-*: a random SAE at block 1
+        from reprpo.model.tiny import build_tiny_sae
+
+        base |= {"method.sae": str(build_tiny_sae(tmp_path / "sae")), "method.layers": "sae"}
     return apply_overrides(cfg, base | over, where="test")
 
 
@@ -30,7 +34,7 @@ LN2 = math.log(2)
 # loss at step 1, when policy == reference (LoRA B = 0), DESIGN §4-5
 INIT = {"dpo": LN2, "cdpo": LN2, "ipo": 1 / (4 * 0.1**2), "hinge": 1.0, "projgrad": LN2, "projbp": LN2,
         "mse": 1.0, "prefvec": 2 * LN2, "rank": LN2, "innerdpo": 2 * LN2, "innerpo": 2 * LN2,
-        "tdpo1": LN2, "tdpo2": LN2}  # TDPO: ρ = 0 and D(y) = 0 at init
+        "tdpo1": LN2, "tdpo2": LN2, "fpo": LN2}  # TDPO: ρ = 0 and D(y) = 0 at init; FPO: m = 0, MSE = 0
 
 
 @pytest.fixture(scope="module")

@@ -100,16 +100,20 @@ def test_new_methods_train_through_train(method, tmp_path):
 
 
 @pytest.mark.parametrize("method", preset_names())
-def test_every_preset_is_a_method_with_its_init_value(method, tiny):
+def test_every_preset_is_a_method_with_its_init_value(method, tiny, tmp_path):
     """Every registered preset builds an object satisfying the Method protocol, and its declared
     value at init agrees with the hand table of DESIGN §4-5 (test_methods.py pins the runs)."""
     from reprpo.train import make_lora
 
     cfg = resolve_config(("test", TINY), method=method)
+    if method == "fpo" or "-sae-" in method:  # a random SAE at block 1 of the tiny model
+        from reprpo.model.tiny import build_tiny_sae
+
+        cfg = apply_overrides(cfg, {"method.sae": str(build_tiny_sae(tmp_path / "sae")), "method.layers": "sae"}, where="test")
     model = make_lora(copy.deepcopy(tiny[0]), cfg)
     meth = build_method(cfg, model)
     assert isinstance(meth, Method)
-    table = {"dpo": LN2, "cdpo": LN2, "ipo": 25.0, "hinge": 1.0, "projgrad": LN2, "projbp": LN2, "tdpo1": LN2,
+    table = {"dpo": LN2, "cdpo": LN2, "ipo": 25.0, "hinge": 1.0, "projgrad": LN2, "projbp": LN2, "tdpo1": LN2, "fpo": LN2,
              "tdpo2": LN2, "mse": 1.0, "prefvec": 2 * LN2, "rank": LN2, "innerdpo": 2 * LN2, "innerpo": 2 * LN2}
     key = method if method in table else method.split("-")[-1]
     assert init_loss(cfg) == (pytest.approx(table[key]) if key in table else None)

@@ -70,3 +70,29 @@ def test_smollm2_methods_4_steps(method, genies_dir, tmp_path):
     assert m.loss[0] == pytest.approx(want, abs=1e-4)
     if method == "hs-pca-prefvec":
         assert m["repr/p"][0] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_smollm2_sae_train_then_fpo_4_steps(genies_dir, tmp_path):
+    """`reprpo sae train` at the middle block (15) of SmolLM2 on a CI-sized budget (160k tokens of
+    three GENIES training files, width 4·576, k 32) reaches held-out FVU < 0.3 with finite ΔCE;
+    then fpo trains 4 steps with it: ln 2 at step 1, finite losses."""
+    from reprpo.cli import main
+    from reprpo.methods import resolve_config
+    from reprpo.model.sae import load_sae
+    from reprpo.train import train
+
+    sae_dir = tmp_path / "sae"
+    srcs = ",".join(str(genies_dir / d / "train.json") for d in ("arc_easy", "us_history_textbook", "code_easy"))
+    assert main(["sae", "train", "--data", srcs, "--tokens", "160000", "--expansion", "4", "--eval-tokens", "3000",
+                 "--data.max_length", "192", "--data.max_prompt_length", "128", "--out", str(sae_dir), "--quiet"]) == 0
+    sae = load_sae(sae_dir)
+    q = sae.meta["quality"]
+    assert sae.layer == 15 and q["fvu"] < 0.3 and math.isfinite(q["delta_ce"]), q
+    src = str(genies_dir / "arc_easy" / "train.json")
+    cfg = resolve_config(("test", {"data.shift": "", "data.train": src, "data.eval": f"train={src}", "data.n_train": 16,
+                                   "data.max_length": 192, "data.max_prompt_length": 128, "train.batch_size": 4, "train.max_steps": 4, "train.progress": False,
+                                   "eval.after_train": False, "method.sae": str(sae_dir), "out": str(tmp_path / "run")}),
+                         method="fpo")
+    m = pd.read_csv(train(cfg) / "metrics.csv")
+    assert len(m) == 4 and m.loss.map(math.isfinite).all()
+    assert m.loss[0] == pytest.approx(math.log(2), abs=1e-4)

@@ -31,6 +31,10 @@ def _make(name: str, *, d: int = 32, k: int | None = 8, seed: int = 0) -> Transf
         return build_transform(name, d=d)
     if name == "unembed_null":
         return build_transform(name, d=d, k=k, lm_head_weight=torch.randn(100, d, generator=g))
+    if name == "sae":
+        from reprpo.model.sae import TopKSAE
+
+        return build_transform(name, d=d, sae=TopKSAE(d=d, width=4 * d, k=8, seed=seed))
     t = build_transform(name, d=d, k=k, seed=seed)
     if name == "pca":
         t.fit(torch.randn(64, d, generator=g))

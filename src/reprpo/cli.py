@@ -7,6 +7,7 @@ then the options on top. The resolved config is saved with every run (config.yam
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import textwrap
 from contextlib import nullcontext
@@ -229,6 +230,41 @@ def cmd_compare(args) -> int:
     return 1 if failed else 0
 
 
+def cmd_sae_train(args) -> int:
+    import dataclasses
+
+    from reprpo.config import SAETrainConfig, parse_value
+    from reprpo.sae_train import train_sae
+
+    cfg = build_config(args)
+    sc = SAETrainConfig()
+    for f in dataclasses.fields(SAETrainConfig):
+        v = getattr(args, f"sae_{f.name}", None)
+        if v is not None:
+            setattr(sc, f.name, parse_value(v, type(getattr(sc, f.name)), where=f"sae train --{f.name.replace('_', '-')}"))
+    rec = train_sae(cfg.model, cfg.data, sc, out=args.out, sources=args.data or "")
+    q = rec["quality"]
+    print(f"SAE saved to {args.out} (block {rec['layer']}, d={rec['d']}, width={rec['width']}, k={rec['k']}, "
+          f"{rec['tokens']} tokens, {rec['train_seconds']} s)")
+    print(f"held-out: FVU {q['fvu']:.4f} · mean L0 {q['l0']:.1f} · dead {q['dead_fraction']:.1%} "
+          f"(no firing in {q['dead_window_tokens']} tokens) · delta CE {q['delta_ce']:+.4f} nats "
+          f"(CE {q['ce_clean']:.4f} -> {q['ce_sae']:.4f}, {q['eval_tokens']} tokens)")
+    return 0
+
+
+def cmd_sae_info(args) -> int:
+    import json
+
+    from reprpo.model.sae import load_sae
+
+    sae = load_sae(args.path)
+    print(sae.describe())
+    rec = sae.meta
+    if q := rec.get("quality"):
+        print(json.dumps({k: rec.get(k) for k in ("model", "tokens", "data") if k in rec} | {"quality": q}, indent=2))
+    return 0
+
+
 def presets_epilog() -> str:
     """The presets of every registered method kind, grouped by kind (from the manifest
     `registered_names.py`, which a test keeps equal to the registries: no torch import)."""
@@ -329,9 +365,30 @@ def parser() -> argparse.ArgumentParser:
     x.add_argument("--adapter", metavar="OUT", help="write the adapter alone to OUT, as a PEFT adapter folder")
     x.set_defaults(func=cmd_export)
 
+    sa = sub.add_parser("sae", help="sparse autoencoders: train one on a model's residual stream, show one")
+    sasub = sa.add_subparsers(dest="sae_command", required=True)
+    st = sasub.add_parser("train", help="train a TopK SAE on the block output at one layer",
+                          description="Train a TopK sparse autoencoder (Gao et al. 2024) with AuxK on the residual stream (block output) at one layer, "
+                                      "from the prompt and response tokens of preference data; print and save its held-out FVU, mean L0, dead fraction and "
+                                      "delta CE. Saved as OUT/cfg.json + OUT/sae.safetensors (EleutherAI sparsify's layout), for --method.sae OUT.")
+    st.add_argument("--out", required=True, help="directory for cfg.json + sae.safetensors (an earlier SAE there is replaced)")
+    st.add_argument("--data", help="comma-separated sources (files, builtin:DIST/SPLIT, globs like 'DIR/*/train.json'); "
+                                   "default: the training split of --data.shift, plus the built-in suite's training splits when that holds fewer tokens than --tokens")
+    st.add_argument("--config", help="YAML config file (sections model, data)")
+    from reprpo.config import SAETrainConfig
+
+    for f in dataclasses.fields(SAETrainConfig):
+        st.add_argument(f"--{f.name.replace('_', '-')}", dest=f"sae_{f.name}", default=None, metavar=type(f.default).__name__.upper(),
+                        help=f"{f.metadata['help']} (default: {f.default!r})".replace("%", "%%"))
+    add_config_arguments(st, sections=("model", "data"))
+    st.set_defaults(func=cmd_sae_train)
+    si = sasub.add_parser("info", help="what an SAE file holds (kind, width, layer, recorded quality)")
+    si.add_argument("path", help="our / sparsify directory, sae-lens directory or Gemma Scope params.npz")
+    si.set_defaults(func=cmd_sae_info)
+
     # `reprpo --quiet train` and `reprpo train --quiet` both work. SUPPRESS: a subcommand that is
     # not given --quiet sets nothing, so it cannot overwrite the root's True with its own False.
-    for sp in (t, e, i, c, tu):
+    for sp in (t, e, i, c, tu, st):
         sp.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help=quiet_help)
     return p
 

@@ -93,7 +93,7 @@ class MethodConfig:
     collection: str = F("hs", "where to read (hs = block outputs, side = submodule inputs/outputs, see method.modules)")
     transform: str = F("none", "how to look: the transform applied per token before pooling")
     loss: str = F("prefvec", "what to ask: the representation loss")
-    layers: str = F("0.5", "blocks to read: ints (negative from the end), fractions of depth (0.5 = middle), comma lists, range(a, b, step)")
+    layers: str = F("0.5", "blocks to read: ints (negative from the end), fractions of depth (0.5 = middle), comma lists, range(a, b, step); `sae` = the block of method.sae (the default of fpo and hs-sae-*)")
     modules: str = F("mlp.down_proj:input,self_attn.o_proj:input", "side channels: comma list of MODULE_PATTERN:input|output inside each selected block")
     pooling: str = F("mean", "pool tokens: mean (response tokens) | last (last response token) | all (every token)")
     outlier_quantile: float = F(0.0, "drop tokens whose norm is above this quantile of valid tokens before pooling (0 = off)")
@@ -118,6 +118,11 @@ class MethodConfig:
     project: str = F("grad", "projgrad: what is projected on span{u_b}: grad (each pair's LoRA-B gradient, before the optimiser) | update (the optimiser's applied LoRA-B update, after AdamW's per-coordinate rescaling)")
     # token-level DPO (DESIGN §5b)
     tdpo_alpha: float = F(0.5, "tdpo2: weight alpha of the sequential-KL term")
+    # sparse-autoencoder features: fpo and the sae transform (hs-sae-*)
+    sae: str = F("", "fpo / hs-sae-*: the SAE: a `reprpo sae train` (or EleutherAI sparsify) directory, a sae-lens directory (cfg.json + sae_weights.safetensors) or a Gemma Scope params.npz; its block is read with --method.layers sae")
+    sae_features: int = F(50, "fpo: K, the number of SAE features in the constraint set S (per sequence)")
+    sae_select: str = F("reference", "fpo: how S is chosen per sequence: reference (the K largest pooled reference features: fixed, all in the cache) | policy (the K largest of the policy's, each step: the authors' code) | global (the K features with the largest mean reference activation over the training set, one S for all)")
+    fpo_alpha: float = F(0.5, "fpo: weight alpha of the feature-MSE term")
 
 
 @dataclass
@@ -140,6 +145,46 @@ class EvalConfig:
     after_train: bool = F(True, "`reprpo train` evaluates base vs adapter on the eval splits when done")
     per_pair_format: str = F("parquet", "per-pair score file format: parquet | csv")
     scorer: str = F("", "how a pair is scored (correct iff score margin > 0); empty = the method's own scorer (ℓ̄ margin for log-prob methods)")
+
+
+@dataclass
+class SAETrainConfig:
+    """The options of `reprpo sae train` (flags --NAME with dashes for underscores)."""
+
+    layers: str = F("0.5", "the block whose output the SAE reads: one block in the layer spec of --method.layers (0.5 = the middle block)")
+    expansion: int = F(16, "SAE width = expansion x hidden size")
+    k: int = F(32, "active latents per token (TopK)")
+    tokens: int = F(2_000_000, "training token budget; the data is repeated when it holds fewer")
+    batch_tokens: int = F(4096, "tokens per optimiser step")
+    buffer_tokens: int = F(65536, "activations held and shuffled at once (bounds memory)")
+    lr: float = F(0.0, "Adam learning rate; 0 = 1e-3 * sqrt(2^14 / width) (Gao et al.'s width scaling, at 5x their base rate: budgets here are short; docs/performance.md)")
+    aux_k: int = F(0, "AuxK: dead latents that model the residual per token; 0 = hidden size / 2")
+    aux_alpha: float = F(1 / 32, "AuxK loss weight (0 = off)")
+    dead_tokens: int = F(0, "a latent that fired on none of this many recent training tokens is dead; 0 = tokens / 8 (at least 4 batches, at most 10M)")
+    clip: float = F(1.0, "gradient-norm clip (0 = off)")
+    eval_tokens: int = F(20000, "held-out tokens (every 20th pair) for FVU, L0 and delta CE, at most")
+    forward_batch: int = F(8, "pairs per model forward while streaming activations")
+    seed: int = F(0, "seed of the SAE init and the data order")
+    progress: bool = F(True, "progress bar")
+
+    def resolved(self, d: int) -> SAETrainConfig:
+        """The automatic values filled in for hidden size d."""
+        import math
+
+        c = dataclasses.replace(self)
+        width = self.expansion * d
+        c.lr = self.lr or 1e-3 * math.sqrt(2**14 / width)
+        c.aux_k = self.aux_k or max(1, d // 2)
+        c.dead_tokens = self.dead_tokens or min(10_000_000, max(4 * self.batch_tokens, self.tokens // 8))
+        return c
+
+    def check(self) -> None:
+        for name in ("expansion", "k", "tokens", "batch_tokens", "buffer_tokens", "eval_tokens", "forward_batch"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"sae train --{name.replace('_', '-')}: must be >= 1; got {getattr(self, name)}.")
+        for name in ("lr", "aux_alpha", "clip", "aux_k", "dead_tokens"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"sae train --{name.replace('_', '-')}: must be >= 0; got {getattr(self, name)}.")
 
 
 @dataclass

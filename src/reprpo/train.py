@@ -323,6 +323,7 @@ def _train(cfg: RunConfig, out: Path, resume: str | None) -> Path:
         cache = build_ref_cache(model, data.tokenized, pad_id=tok.pad_token_id, layout=layout, batch_size=tc.batch_size,
                                 points=list(need.points), pooling=cfg.method.pooling, outlier_quantile=cfg.method.outlier_quantile,
                                 chunk=cfg.speed.logit_chunk, directions=lora_modules(model) if need.directions else None,
+                                features=need.features,
                                 progress=tc.progress and acc.is_main_process)
     t_cache = time.time() - t_cache
     method.prepare(model, data.tokenized, pad_id=tok.pad_token_id, cache=cache, layout=layout)  # e.g. fit pca, size frames

@@ -40,17 +40,19 @@ class RefNeeds:
     logps: ℓ_ref of chosen and rejected · points: pooled reference activations at these capture
     points (only sound for a transform that is linear, T(Σ w h) = Σ w T(h)) · directions: per-pair
     reference directions u_b at every LoRA module (gradient methods) · online: the loss also runs
-    its own reference pass every step that no cache replaces (e.g. TDPO's token distributions)."""
+    its own reference pass every step that no cache replaces (e.g. TDPO's token distributions) ·
+    features: (capture point, SAE): pooled reference SAE features at the SAE's block (fpo, hs-sae-*)."""
 
     logps: bool = True
     points: tuple[CapturePoint, ...] = ()
     directions: bool = False
     online: bool = False
+    features: tuple | None = None
 
     @property
     def cached(self) -> bool:
         """Whether there is anything for the offline reference cache to hold."""
-        return self.logps or bool(self.points) or self.directions
+        return self.logps or bool(self.points) or self.directions or self.features is not None
 
 
 NO_REFERENCE = RefNeeds(logps=False)

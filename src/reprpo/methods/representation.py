@@ -44,6 +44,7 @@ from reprpo.model.capture import (
 )
 from reprpo.model.forward import adapter_disabled, base_model, run_decoder, sequence_logps
 from reprpo.model.refcache import RefCache, RefOut
+from reprpo.model.sae import sae_capture
 from reprpo.progress import bar
 
 
@@ -63,7 +64,16 @@ class ReprMethod(MethodBase):
         if self.spec.dpo_required and self.dpo_weight <= 0:
             raise ConfigError(f"method.loss {mc.loss} is defined with its DPO term: method.dpo_weight must be > 0.")
         self.seed = cfg.train.seed
-        self.layers = parse_layers(mc.layers, len(decoder_layers(model)))
+        self.sae = None  # the SAE of the sae transform (held outside the module tree: frozen, not saved)
+        if tspec.needs_sae:  # the SAE's own block, checked against the model
+            point, sae = sae_capture(model, mc.sae, mc.layers)
+            object.__setattr__(self, "sae", sae)
+            self.layers = [point.layer_idx]
+        elif mc.layers.strip() == "sae":
+            raise ConfigError(f"method.layers sae means the block of method.sae, which only fpo and the sae transform read; "
+                              f"method.transform is {mc.transform}: give blocks, e.g. --method.layers 0.5.")
+        else:
+            self.layers = parse_layers(mc.layers, len(decoder_layers(model)))
         self.points = capture_points(model, collection=mc.collection, layers=self.layers, modules=mc.modules)
         if tspec.residual_only and mc.collection != "hs":
             raise ConfigError(f"method.transform {mc.transform} is defined on the residual stream ({tspec.help}): use method.collection hs.")
@@ -82,6 +92,8 @@ class ReprMethod(MethodBase):
         self.lp_kw = lp_kwargs(cfg)
         self.progress = cfg.train.progress  # bars over the reference passes of prepare()
         self.reference = RefNeeds(points=tuple(self.points) if self.linear else ())  # pooled reference activations to cache
+        if self.sae is not None and self.spec.token_fn is None:  # pooled reference SAE features to cache
+            self.reference = RefNeeds(features=(self.points[0], self.sae))
         self._fixed_ref: dict[str, torch.Tensor] = {}  # non-linear but fixed T: pooled T(reference), (n, 2, k)
         self._fixed_row: dict[int, int] = {}  # pair index -> row of _fixed_ref
 
@@ -104,11 +116,13 @@ class ReprMethod(MethodBase):
         h = store[key]
         if self.linear:
             return t(self._pool_raw(h, batch))
+        w = pool_weights(h[batch.rows], response_mask=batch.response_mask, attention_mask=batch.pool_mask,
+                         mode=self.mc.pooling, outlier_quantile=self.mc.outlier_quantile)  # (2b, t)
+        if self.spec.token_fn is None and not getattr(t, "needs_prev", False):
+            return t.pool(h[batch.rows], w)  # (a TopK SAE scatters its k values: no dense (2b, t, w))
         z = t(h, h_prev=store[f"prev.{key.split('.')[1]}"]) if getattr(t, "needs_prev", False) else t(h)
         if self.spec.token_fn is not None:
             z = self.spec.token_fn(z)
-        w = pool_weights(h[batch.rows], response_mask=batch.response_mask, attention_mask=batch.pool_mask,
-                         mode=self.mc.pooling, outlier_quantile=self.mc.outlier_quantile)  # (2b, t)
         return torch.einsum("rt,rtk->rk", w, z[batch.rows].float())
 
     def _acts(self, model, batch: PairBatch, *, logps: bool):
@@ -148,11 +162,15 @@ class ReprMethod(MethodBase):
         for p in self.points:
             acts = torch.cat(pooled[p.key])  # (n, 2, d)
             t = build_transform(mc.transform, d=acts.shape[-1], k=k, lm_head_weight=lm, energy=mc.energy,
-                                seed=self.seed, block_size=mc.ether_block)
+                                seed=self.seed, block_size=mc.ether_block, sae=self.sae)
             if fit:
                 t.fit(acts[:, 0] - acts[:, 1])
             self.transforms[self._tkey(p.key)] = t.to(device)
-        if cache is not None and not self.linear and not any(q.requires_grad for q in self.transforms.parameters()):
+        if self.sae is not None:
+            self.sae.to(device)
+        if cache is not None and cache.feats and self.reference.features is not None:
+            pass  # sae: the pooled reference features are in the cache
+        elif cache is not None and not self.linear and not any(q.requires_grad for q in self.transforms.parameters()):
             self._cache_fixed_reference(model, data, pad_id=pad_id, batch_size=batch_size, layout=layout)
 
     @torch.no_grad()
@@ -195,6 +213,9 @@ class ReprMethod(MethodBase):
         if have_acts:  # cached reference: no reference forward at all
             ref_lp = ref.logps
             ref_pooled = {p.key: self.transforms[self._tkey(p.key)](ref.acts[p.key]) for p in self.points}
+        elif ref is not None and ref.feats is not None and self.reference.features is not None:  # sae: cached features
+            ref_lp = ref.logps
+            ref_pooled = {self.points[0].key: ref.feats}
         elif ref is not None and self._fixed_ref:  # fixed non-linear T, computed in prepare()
             ref_lp = ref.logps
             rows = torch.tensor([self._fixed_row[int(i)] for i in batch.index])
@@ -241,5 +262,7 @@ KINDS.add("repr", MethodKind("repr", _build, search_space=lambda cfg: LR | dict(
                              init_loss=_init_loss, help="losses over captured, transformed, pooled activations (docs/methods.md)"))
 for _name in repr_preset_names():
     _c, _t, _lo = _name.split("-")
-    register_preset(_name, "repr", {"method.collection": _c, "method.transform": _t, "method.loss": _lo},
-                    f"{_lo} on {_t}-transformed {_c} activations")
+    _values = {"method.collection": _c, "method.transform": _t, "method.loss": _lo}
+    if TRANSFORMS[_t].needs_sae:
+        _values["method.layers"] = "sae"
+    register_preset(_name, "repr", _values, f"{_lo} on {_t}-transformed {_c} activations")

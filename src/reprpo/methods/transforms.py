@@ -17,6 +17,7 @@ product loses orthonormality quickly in half precision.
 | ortho        | hQ, Q = Wᵀ with W Wᵀ = I_k        | k   | yes       | parametrised W (k, d) |
 | unembed_null | h − h V_k V_kᵀ                    | d   | no        | buffer V_k (d, k)     |
 | suppressed   | relu(h_prev − h)                  | d   | no        | -                     |
+| sae          | f(h), an SAE's features           | w   | no        | the SAE (not saved)   |
 
 H(v) = I − 2 v vᵀ/‖v‖² is the Householder reflection along v.
 ether's M (d, k) is a fixed, seeded orthonormal mixing, so its frame reads every coordinate.
@@ -58,8 +59,13 @@ class Transform(nn.Module):
     def extra_repr(self) -> str:
         return f"d={self.d}, k={self.k}"
 
+    def pool(self, h: Tensor, weights: Tensor) -> Tensor:
+        """Σ_t w_t T(h_t): (r, t, d), (r, t) -> (r, k). A transform with a cheaper route (sae) overrides it."""
+        return torch.einsum("rt,rtk->rk", weights.float(), self(h))
+
     @classmethod
-    def build(cls, *, d: int, k: int | None, lm_head_weight: Tensor | None, energy: float, seed: int, block_size: int) -> Transform:
+    def build(cls, *, d: int, k: int | None, lm_head_weight: Tensor | None, energy: float, seed: int, block_size: int,
+              sae=None) -> Transform:
         """From `build_transform`'s arguments (k already checked where the spec takes k)."""
         if k is not None and k != d:
             raise TransformConfigError(f"transform {cls.name!r} keeps the hidden size; k must be None or d={d}, got k={k!r}.")
@@ -133,7 +139,7 @@ class PCATransform(Transform):
         return self
 
     @classmethod
-    def build(cls, *, d, k, lm_head_weight, energy, seed, block_size) -> PCATransform:
+    def build(cls, *, d, k, lm_head_weight, energy, seed, block_size, sae=None) -> PCATransform:
         return cls(d=d, k=k)
 
     def frame(self) -> Tensor:  # (d, k)
@@ -183,7 +189,7 @@ class HRATransform(Transform):
         return f"d={self.d}, k={self.k}, n_reflections={self.v.shape[0]}"
 
     @classmethod
-    def build(cls, *, d, k, lm_head_weight, energy, seed, block_size) -> HRATransform:
+    def build(cls, *, d, k, lm_head_weight, energy, seed, block_size, sae=None) -> HRATransform:
         return cls(d=d, k=k, seed=seed)
 
 
@@ -231,7 +237,7 @@ class EtherTransform(Transform):
         return f"d={self.d}, k={self.k}, block_size={self.block_size}"
 
     @classmethod
-    def build(cls, *, d, k, lm_head_weight, energy, seed, block_size) -> EtherTransform:
+    def build(cls, *, d, k, lm_head_weight, energy, seed, block_size, sae=None) -> EtherTransform:
         return cls(d=d, k=k, block_size=block_size, seed=seed)
 
 
@@ -258,7 +264,7 @@ class OrthoTransform(Transform):
         return h.float() @ self.frame()
 
     @classmethod
-    def build(cls, *, d, k, lm_head_weight, energy, seed, block_size) -> OrthoTransform:
+    def build(cls, *, d, k, lm_head_weight, energy, seed, block_size, sae=None) -> OrthoTransform:
         return cls(d=d, k=k, seed=seed)
 
 
@@ -315,7 +321,7 @@ class UnembedNullTransform(Transform):
         return f"d={self.d}, k={self.k}, n_removed={self.n_removed}"
 
     @classmethod
-    def build(cls, *, d, k, lm_head_weight, energy, seed, block_size) -> UnembedNullTransform:
+    def build(cls, *, d, k, lm_head_weight, energy, seed, block_size, sae=None) -> UnembedNullTransform:
         if lm_head_weight is None:
             raise TransformConfigError("transform 'unembed_null' needs lm_head_weight (the unembedding W_U, shape (v, d)).")
         if lm_head_weight.ndim != 2 or lm_head_weight.shape[1] != d:
@@ -342,6 +348,40 @@ class SuppressedTransform(Transform):
         return F.relu(h_prev.float() - h.float())
 
 
+class SAETransform(Transform):
+    """T(h) = f(h), the features of a sparse autoencoder at the block (TopK or JumpReLU)
+    DESIGN §5 `sae`; the SAE from `method.sae` (model/sae.py).
+
+    Non-linear and fixed: the pooled reference features come from the reference cache. The
+    SAE is held outside the module tree (not trained, not saved in method_state.pt); `pool`
+    scatters a TopK SAE's k active values instead of forming the dense (r, t, w) features."""
+
+    name = "sae"
+
+    def __init__(self, *, sae) -> None:
+        super().__init__(d=sae.d, k=sae.width)
+        object.__setattr__(self, "sae", sae)
+
+    def _on(self, h: Tensor):
+        if self.sae.b_dec.device != h.device:
+            self.sae.to(h.device)
+        return self.sae
+
+    def forward(self, h: Tensor) -> Tensor:  # (..., d) -> (..., w)
+        return self._on(h).encode(h)
+
+    def pool(self, h: Tensor, weights: Tensor) -> Tensor:  # (r, t, d), (r, t) -> (r, w)
+        return self._on(h).pool(h, weights)
+
+    @classmethod
+    def build(cls, *, d, k, lm_head_weight, energy, seed, block_size, sae=None) -> SAETransform:
+        if sae is None:
+            raise TransformConfigError("transform 'sae' needs an SAE: set --method.sae PATH (`reprpo sae train` makes one).")
+        if sae.d != d:
+            raise TransformConfigError(f"transform 'sae': the SAE reads width {sae.d}, the activations have width {d}.")
+        return cls(sae=sae)
+
+
 @dataclass(frozen=True)
 class TransformSpec:
     """A registered transform and what the method needs to know about it.
@@ -349,7 +389,9 @@ class TransformSpec:
     linear: T(Σ w h) = Σ w T(h), so T applies to pooled (and cached) activations · residual_only:
     defined on the residual stream (collection hs) only · takes_k: method.k is its output size ·
     needs_fit: fit() on reference preference directions before training · trainable: its
-    parameters train with the adapter · needs_prev: reads the previous block's output too."""
+    parameters train with the adapter · needs_prev: reads the previous block's output too ·
+    needs_sae: built from `method.sae`, at the SAE's own block (whose pooled reference features
+    the reference cache holds)."""
 
     cls: type[Transform]
     help: str
@@ -359,6 +401,7 @@ class TransformSpec:
     needs_fit: bool = False
     trainable: bool = False
     needs_prev: bool = False
+    needs_sae: bool = False
 
 
 TRANSFORMS: Registry[TransformSpec] = Registry("transform", field="method.transform")
@@ -370,6 +413,8 @@ TRANSFORMS.add("ortho", TransformSpec(OrthoTransform, "learned orthonormal frame
 TRANSFORMS.add("unembed_null", TransformSpec(UnembedNullTransform, "h − hV_kV_kᵀ: what lm_head does not read", residual_only=True))
 TRANSFORMS.add("suppressed", TransformSpec(SuppressedTransform, "relu(H^{ℓ−1} − H^ℓ): what block ℓ removed", linear=False,
                                            residual_only=True, needs_prev=True))
+TRANSFORMS.add("sae", TransformSpec(SAETransform, "f(h): the features of the SAE at method.sae (frozen, non-linear)", linear=False,
+                                    residual_only=True, needs_sae=True))
 
 
 def build_transform(
@@ -381,12 +426,14 @@ def build_transform(
     energy: float = 0.9,
     seed: int = 0,
     block_size: int = 8,
+    sae=None,
 ) -> Transform:
     """The transform `name` for hidden size d.
 
     k is the output dim for pca/hra/ether/ortho (required there), the number of removed
     directions for unembed_null (None: energy rule), and must be None or d for none/suppressed.
-    unembed_null needs `lm_head_weight` (v, d). pca must be `fit()` before its first forward.
+    unembed_null needs `lm_head_weight` (v, d), sae an `sae` (model/sae.py). pca must be `fit()`
+    before its first forward.
     """
     if name not in TRANSFORMS:
         raise TransformConfigError(f"unknown transform {name!r}; choose one of: {', '.join(TRANSFORMS)}.")
@@ -395,4 +442,4 @@ def build_transform(
         raise TransformConfigError(f"transform {name!r}: hidden size d must be a positive integer; got {d!r}.")
     if spec.takes_k:
         _check_k(name, d, k, required=True)
-    return spec.cls.build(d=d, k=k, lm_head_weight=lm_head_weight, energy=energy, seed=seed, block_size=block_size)
+    return spec.cls.build(d=d, k=k, lm_head_weight=lm_head_weight, energy=energy, seed=seed, block_size=block_size, sae=sae)

@@ -83,3 +83,10 @@ def build_tiny_model(out_dir: str | Path | None = None, *, seed: int = 0, layers
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return model, tok
+
+
+def build_tiny_sae(out_dir: str | Path, *, d: int = 64, width: int = 256, k: int = 8, layer: int = 1, seed: int = 0) -> Path:
+    """A random TopK SAE for the tiny model (hidden 64, block 1), saved in our format."""
+    from reprpo.model.sae import TopKSAE
+
+    return TopKSAE(d=d, width=width, k=k, layer=layer, seed=seed).save(out_dir, reprpo={"model": "tiny-random"})
