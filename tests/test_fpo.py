@@ -165,6 +165,10 @@ def test_sae_methods_train_3_steps_through_train(method, tmp_path, monkeypatch):
     assert m.loss[0] == pytest.approx(LN2 if method == "fpo" else 2 * LN2, abs=1e-5)
     assert seen and all(seen)
     assert not (out / "method_state.pt").exists()
+    import json
+
+    rep = json.loads((out / "train_report.json").read_text())["sae"]
+    assert rep["block"] == 1 and rep["width"] == 256 and len(rep["fingerprint"]) == 32
     if method == "fpo":
         assert m["fpo/mse_chosen"][0] == pytest.approx(0.0, abs=1e-10) and m["fpo/mse_rejected"][2] > 0
 

@@ -513,6 +513,10 @@ def _train(cfg: RunConfig, out: Path, resume: str | None) -> Path:
             "seconds": time.time() - t0, "data": {"source": train_src, "summary": data.summary(),
             "dropped": dict(data.read_report.dropped), "tokenize": vars(data.token_report) | {"dropped": dict(data.token_report.dropped)}},
         }
+        if need.features is not None:  # the SAE a run's features came from: path as given, block and weights' fingerprint
+            point, sae = need.features
+            report["sae"] = {"path": cfg.method.sae, "block": point.layer_idx, "kind": sae.kind, "width": sae.width,
+                             "fingerprint": sae.fingerprint()}
         (out / "train_report.json").write_text(json.dumps(report, indent=2, default=str))
         from reprpo.card import write_card
 
