@@ -230,3 +230,19 @@ def test_sae_train_cli_on_the_tiny_model(tmp_path, capsys):
     assert 0 < q["fvu"] < 1 and 0 < q["l0"] <= 8 and 0 <= q["dead_fraction"] <= 1 and np.isfinite(q["delta_ce"])
     assert sae.meta["tokens"] >= 6000 and sae.meta["data"][0]["source"] == "builtin:arith/train"
     assert main(["sae", "train", "--model.name", "tiny-random", "--tokens", "0", "--out", str(out)]) == 2  # bad budget: clear error
+
+
+def test_sae_train_refuses_bad_out_and_data_before_loading_a_model(tmp_path, capsys):
+    """A non-empty --out that holds no SAE is left untouched; a glob matching nothing and a
+    missing file are named; all before any model loads (no model name is even valid here)."""
+    from reprpo.cli import main
+
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("mine")
+    assert main(["sae", "train", "--model.name", "no/such-model", "--out", str(busy)]) == 2
+    assert "holds no SAE; nothing in it is touched" in capsys.readouterr().err and (busy / "notes.txt").read_text() == "mine"
+    assert main(["sae", "train", "--model.name", "no/such-model", "--data", str(tmp_path / "*.json"), "--out", str(tmp_path / "o")]) == 2
+    assert "matches no file" in capsys.readouterr().err
+    assert main(["sae", "train", "--model.name", "no/such-model", "--data", str(tmp_path / "gone.json"), "--out", str(tmp_path / "o")]) == 2
+    assert "gone.json" in capsys.readouterr().err

@@ -48,6 +48,11 @@ def _isatty(stream) -> bool:
         return False
 
 
+def _count(x: float) -> str:
+    """A count as an integer when it is one (1200128, not 1.20013e+06), else up to 6 digits."""
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
 def _clock(seconds: float) -> str:
     return tqdm.format_interval(max(0.0, seconds))
 
@@ -151,7 +156,7 @@ class Bar:
         done = self.n - self.initial
         rate = done / elapsed if elapsed > 0 and done > 0 else None
         u = self.unit
-        parts = [f"{self.n:g}/{self.total:g} ({100 * self.n / self.total:.0f}%)" if self.total else f"{self.n:g}"]
+        parts = [f"{_count(self.n)}/{_count(self.total)} ({100 * self.n / self.total:.0f}%)" if self.total else _count(self.n)]
         parts.append("? " + f"{u}/s" if rate is None else (f"{rate:.2f} {u}/s" if rate >= 1 else f"{1 / rate:.2f} s/{u}"))
         left = (self.total - self.n) / rate if (rate and self.total) else None
         parts.append("ETA ?" if left is None else f"ETA {_clock(left)}")
