@@ -246,3 +246,17 @@ def test_sae_train_refuses_bad_out_and_data_before_loading_a_model(tmp_path, cap
     assert "matches no file" in capsys.readouterr().err
     assert main(["sae", "train", "--model.name", "no/such-model", "--data", str(tmp_path / "gone.json"), "--out", str(tmp_path / "o")]) == 2
     assert "gone.json" in capsys.readouterr().err
+
+
+def test_streamed_tokens_count_the_prompt_once(tiny):
+    """Kept tokens of a batch: the chosen row's positions 1.. and the rejected response, so a
+    pair gives len(prompt) + len(chosen) + len(rejected) − 1 (the count train_sae budgets with)."""
+    from reprpo.data.builtin import builtin_pairs
+    from reprpo.data.tokenize import tokenize_pairs
+    from reprpo.sae_train import _rows
+
+    _, tok = tiny
+    tp, _ = tokenize_pairs(builtin_pairs("arith", "train")[:3], tok, max_length=64, max_prompt_length=48)
+    _, attn, keep = _rows(tp, tok.pad_token_id)
+    assert int(keep.sum()) == sum(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) - 1 for p in tp)
+    assert not keep[:, 0].any() and not (keep & ~attn.bool()).any()

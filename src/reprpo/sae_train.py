@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from reprpo.config import SAETrainConfig
+from reprpo.data.tokenize import collate_pairs
 from reprpo.errors import ConfigError, DataError
 from reprpo.model.capture import decoder_layers, parse_layers
 from reprpo.model.forward import base_model, decoder_and_head, token_logps
@@ -121,25 +122,14 @@ class _Stop(Exception):
 
 
 def _rows(pairs, pad_id: int):
-    """Padded rows [prompt + chosen, prompt + rejected] per pair and the mask of tokens to keep
-    (chosen row: every position ≥ 1; rejected row: its response only, so a prompt counts once)."""
-    seqs, keep = [], []
-    for p in pairs:
-        for j, resp in enumerate((p.chosen_ids, p.rejected_ids)):
-            ids = list(p.prompt_ids) + list(resp)
-            k = [False] + [True] * (len(ids) - 1) if j == 0 else [False] * len(p.prompt_ids) + [True] * len(resp)
-            k[0] = False
-            seqs.append(ids)
-            keep.append(k)
-    t = max(len(s) for s in seqs)
-    input_ids = torch.full((len(seqs), t), pad_id, dtype=torch.long)
-    attn = torch.zeros(len(seqs), t, dtype=torch.long)
-    kmask = torch.zeros(len(seqs), t, dtype=torch.bool)
-    for i, (s, k) in enumerate(zip(seqs, keep)):
-        input_ids[i, : len(s)] = torch.tensor(s)
-        attn[i, : len(s)] = 1
-        kmask[i, : len(k)] = torch.tensor(k)
-    return input_ids, attn, kmask
+    """`collate_pairs`' padded rows [prompt + chosen; prompt + rejected] and the mask of tokens to
+    keep: chosen rows every real position ≥ 1, rejected rows their response only (a prompt counts once)."""
+    batch = collate_pairs(pairs, pad_id=pad_id)
+    b = batch.n_pairs
+    keep = batch.response_mask.bool().clone()
+    keep[:b] = batch.attention_mask[:b].bool()
+    keep[:, 0] = False
+    return batch.input_ids, batch.attention_mask, keep
 
 
 @torch.no_grad()
