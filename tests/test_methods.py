@@ -34,7 +34,7 @@ LN2 = math.log(2)
 # loss at step 1, when policy == reference (LoRA B = 0), DESIGN §4-5
 INIT = {"dpo": LN2, "cdpo": LN2, "ipo": 1 / (4 * 0.1**2), "hinge": 1.0, "projgrad": LN2, "projbp": LN2,
         "mse": 1.0, "prefvec": 2 * LN2, "rank": LN2, "innerdpo": 2 * LN2, "innerpo": 2 * LN2,
-        "tdpo1": LN2, "tdpo2": LN2, "fpo": LN2}  # TDPO: ρ = 0 and D(y) = 0 at init; FPO: m = 0, MSE = 0
+        "tdpo1": LN2, "tdpo2": LN2, "fpo": LN2, "reward": LN2}  # reward: the head starts at 0; TDPO: ρ = 0 and D(y) = 0 at init; FPO: m = 0, MSE = 0
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +64,12 @@ def test_every_preset_trains_3_steps(method, tiny, batches, tmp_path):
     model.train()
     meth = build_method(cfg, model)
     meth.prepare(model, tp, pad_id=tok.pad_token_id)
+    if not meth.trains:  # training-free (probe-mms, steer-mean): prepare fitted a finite, non-zero direction
+        state = meth.state_dict()
+        d = model.config.hidden_size
+        assert state["v"].shape == (d,) and torch.isfinite(state["v"]).all() and state["v"].norm() > 0
+        assert int(state["layer"]) in meth.layers
+        return
     params = [p for p in model.parameters() if p.requires_grad] + [p for p in meth.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-2)
     losses = []

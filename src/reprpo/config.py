@@ -82,6 +82,7 @@ class TrainConfig:
     keep_checkpoints: int = F(2, "keep the newest N checkpoints (older ones are deleted)")
     max_bad_steps: int = F(3, "a step whose loss or gradient norm is not finite makes no update; training stops (no adapter saved) at this many in a row")
     progress: bool = F(True, "show a tqdm progress bar")
+    adapter: str = F("lora", "what is trained: lora (PEFT LoRA on lora.target_modules) | loreft (LoReFT, Wu et al. 2024: h <- h + R^T(Wh + b - Rh) at method.layers, rank method.reft_rank) | vector (one learned vector added to the block output at method.layers, BiPO, Cao et al. 2024)")
 
 
 @dataclass
@@ -123,6 +124,15 @@ class MethodConfig:
     sae_features: int = F(50, "fpo: K, the number of SAE features in the constraint set S (per sequence)")
     sae_select: str = F("reference", "fpo: how S is chosen per sequence: reference (the K largest pooled reference features: fixed, all in the cache) | policy (the K largest of the policy's, each step: the authors' code) | global (the K features with the largest mean reference activation over the training set, one S for all)")
     fpo_alpha: float = F(0.5, "fpo: weight alpha of the feature-MSE term")
+    # baselines (README, "Baselines")
+    reward_pool: str = F("last", "reward: the hidden state the scalar head reads: last (the last response token, TRL's RewardTrainer) | mean (mean over response tokens)")
+    center_rewards: float = F(0.0, "reward: eta of the centring term eta * mean((r+ + r-)^2) (TRL's center_rewards_coefficient; 0 = off)")
+    probe_holdout: float = F(0.25, "probe-mms / steer-mean: share of the training pairs held out (by position in the training data, after n_train) to choose the layer among method.layers and steer-mean's alpha")
+    steer_grid: str = F("0,1,2,4,8", "steer-mean: the candidate alphas, as multiples of |v| (the mean preference difference's norm); the best on the held-out training slice is used (0 = no steering is a candidate)")
+    steer_pairs: int = F(64, "steer-mean: at most this many held-out training pairs score each candidate alpha")
+    reft_rank: int = F(4, "train.adapter loreft: rank r of R (r x d, orthonormal rows)")
+    reft_prompt_last: int = F(4, "train.adapter loreft: also intervene on the prompt's last k tokens (the response tokens always)")
+    bipo_flip: bool = F(False, "train.adapter vector: each step a random sign d in {-1, +1} multiplies the vector and swaps chosen and rejected when d = -1 (BiPO; preset bipo turns it on)")
 
 
 @dataclass
@@ -386,6 +396,26 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"speed.packed_attention must be auto, eager, sdpa or blocks, got {cfg.speed.packed_attention!r}.")
     if cfg.method.project not in ("grad", "update"):
         raise ConfigError(f"method.project must be grad or update, got {cfg.method.project!r}.")
+    m = cfg.method
+    if t.adapter not in ("lora", "loreft", "vector"):
+        raise ConfigError(f"train.adapter must be lora, loreft or vector, got {t.adapter!r}.")
+    if m.reward_pool not in ("last", "mean"):
+        raise ConfigError(f"method.reward_pool must be last or mean, got {m.reward_pool!r}.")
+    if m.center_rewards < 0:
+        raise ConfigError(f"method.center_rewards must be >= 0 (0 = off), got {m.center_rewards}.")
+    if not 0 < m.probe_holdout < 1:
+        raise ConfigError(f"method.probe_holdout must be in (0, 1), got {m.probe_holdout}.")
+    try:
+        grid = [float(x) for x in m.steer_grid.split(",") if x.strip()]
+    except ValueError:
+        grid = []
+    if not grid or not all(math.isfinite(x) for x in grid):
+        raise ConfigError(f"method.steer_grid must be a comma list of numbers (multiples of |v|, e.g. 0,1,2,4,8), got {m.steer_grid!r}.")
+    for name, v in (("method.steer_pairs", m.steer_pairs), ("method.reft_rank", m.reft_rank)):
+        if v < 1:
+            raise ConfigError(f"{name} must be >= 1, got {v}.")
+    if m.reft_prompt_last < 0:
+        raise ConfigError(f"method.reft_prompt_last must be >= 0, got {m.reft_prompt_last}.")
     if cfg.eval.per_pair_format not in ("parquet", "csv"):
         raise ConfigError(f"eval.per_pair_format must be parquet or csv, got {cfg.eval.per_pair_format!r}.")
 

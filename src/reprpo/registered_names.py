@@ -30,6 +30,14 @@ KINDS: dict[str, tuple[str, tuple[str, ...]]] = {
         "DPO with the gradient projected on each pair's reference direction (docs/methods.md)",
         ('projgrad', 'projbp'),
     ),
+    'probe': (
+        "training-free mass-mean probe on the reference's hidden states",
+        ('probe-mms',),
+    ),
+    'steer': (
+        'training-free activation addition of the mass-mean direction',
+        ('steer-mean',),
+    ),
     'output': (
         'losses over response log-probs (docs/methods.md)',
         ('dpo', 'ipo', 'cdpo', 'hinge', 'simpo'),
@@ -55,6 +63,10 @@ KINDS: dict[str, tuple[str, tuple[str, ...]]] = {
             'side-ortho-prefvec', 'side-ortho-rank', 'side-ortho-innerdpo', 'side-ortho-innerpo',
         ),
     ),
+    'reward': (
+        'Bradley–Terry reward model: LoRA + a scalar head, −log σ(r⁺ − r⁻)',
+        ('reward',),
+    ),
     'sft': (
         'negative log-likelihood of the chosen response',
         ('sft',),
@@ -68,13 +80,13 @@ KINDS: dict[str, tuple[str, tuple[str, ...]]] = {
 # registry-backed config field -> its registered names (methods.presets.REGISTRY_FIELDS)
 REGISTRY_FIELDS: dict[str, tuple[str, ...]] = {
     'train.method': (
-        'fpo', 'projgrad', 'projbp', 'dpo', 'ipo', 'cdpo', 'hinge', 'simpo', 'hs-none-mse',
-        'hs-none-prefvec', 'hs-none-rank', 'hs-none-innerdpo', 'hs-none-innerpo', 'hs-pca-mse',
-        'hs-pca-prefvec', 'hs-pca-rank', 'hs-pca-innerdpo', 'hs-pca-innerpo', 'hs-hra-mse',
-        'hs-hra-prefvec', 'hs-hra-rank', 'hs-hra-innerdpo', 'hs-hra-innerpo', 'hs-ether-mse',
-        'hs-ether-prefvec', 'hs-ether-rank', 'hs-ether-innerdpo', 'hs-ether-innerpo',
-        'hs-ortho-mse', 'hs-ortho-prefvec', 'hs-ortho-rank', 'hs-ortho-innerdpo',
-        'hs-ortho-innerpo', 'hs-unembed_null-mse', 'hs-unembed_null-prefvec',
+        'fpo', 'projgrad', 'projbp', 'probe-mms', 'steer-mean', 'dpo', 'ipo', 'cdpo', 'hinge',
+        'simpo', 'hs-none-mse', 'hs-none-prefvec', 'hs-none-rank', 'hs-none-innerdpo',
+        'hs-none-innerpo', 'hs-pca-mse', 'hs-pca-prefvec', 'hs-pca-rank', 'hs-pca-innerdpo',
+        'hs-pca-innerpo', 'hs-hra-mse', 'hs-hra-prefvec', 'hs-hra-rank', 'hs-hra-innerdpo',
+        'hs-hra-innerpo', 'hs-ether-mse', 'hs-ether-prefvec', 'hs-ether-rank', 'hs-ether-innerdpo',
+        'hs-ether-innerpo', 'hs-ortho-mse', 'hs-ortho-prefvec', 'hs-ortho-rank',
+        'hs-ortho-innerdpo', 'hs-ortho-innerpo', 'hs-unembed_null-mse', 'hs-unembed_null-prefvec',
         'hs-unembed_null-rank', 'hs-unembed_null-innerdpo', 'hs-unembed_null-innerpo',
         'hs-suppressed-mse', 'hs-suppressed-prefvec', 'hs-suppressed-rank',
         'hs-suppressed-innerdpo', 'hs-suppressed-innerpo', 'hs-sae-mse', 'hs-sae-prefvec',
@@ -84,13 +96,14 @@ REGISTRY_FIELDS: dict[str, tuple[str, ...]] = {
         'side-hra-mse', 'side-hra-prefvec', 'side-hra-rank', 'side-hra-innerdpo',
         'side-hra-innerpo', 'side-ether-mse', 'side-ether-prefvec', 'side-ether-rank',
         'side-ether-innerdpo', 'side-ether-innerpo', 'side-ortho-mse', 'side-ortho-prefvec',
-        'side-ortho-rank', 'side-ortho-innerdpo', 'side-ortho-innerpo', 'sft', 'tdpo1', 'tdpo2',
+        'side-ortho-rank', 'side-ortho-innerdpo', 'side-ortho-innerpo', 'reward', 'sft', 'tdpo1',
+        'tdpo2',
     ),
     'method.collection': ('hs', 'side'),
     'method.transform': ('none', 'pca', 'hra', 'ether', 'ortho', 'unembed_null', 'suppressed', 'sae'),
     'method.loss': ('mse', 'prefvec', 'rank', 'innerdpo', 'innerpo'),
     'data.pairing': ('first', 'all'),
-    'eval.scorer': ('logp_mean', 'logp_sum'),
+    'eval.scorer': ('logp_mean', 'logp_sum', 'mms', 'steer', 'reward'),
 }
 # --- generated: end ---
 

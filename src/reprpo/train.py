@@ -200,7 +200,7 @@ class TrainingEval:
         self.pad_id = tok.pad_token_id
         self.setup = scoring_setup(cfg, model, device_type=device_type) | {"workers": 1}
 
-    def __call__(self, model) -> dict[str, float]:
+    def __call__(self, model, method=None) -> dict[str, float]:
         from reprpo.eval.scoring import score_pairs
 
         was_training = model.training
@@ -208,7 +208,7 @@ class TrainingEval:
         try:
             out = {}
             for name, pairs in self.splits.items():
-                df = score_pairs(model, pairs, pad_id=self.pad_id, progress=False, **self.setup)  # a few pairs: no bar
+                df = score_pairs(model, pairs, pad_id=self.pad_id, progress=False, method=method, **self.setup)  # a few pairs: no bar
                 out |= {f"eval/{name}/accuracy": float(df.correct.mean()), f"eval/{name}/margin": float(df.margin.mean())}
             return out
         finally:
@@ -328,8 +328,10 @@ def _train(cfg: RunConfig, out: Path, resume: str | None) -> Path:
     t_cache = time.time() - t_cache
     method.prepare(model, data.tokenized, pad_id=tok.pad_token_id, cache=cache, layout=layout)  # e.g. fit pca, size frames
     method.to(acc.device)
-    extra = method.extra_parameters()  # learned frames (hra/ether/ortho)
-    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    extra = method.extra_parameters()  # learned frames (hra/ether/ortho), a reward head
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) + sum(p.numel() for p in extra)
+    if not method.trains:  # training-free (probe-mms, steer-mean): `prepare` fitted it; the LoRA stays the identity
+        n_trainable = 0
 
     sampler = LengthGroupedBatches([p.length for p in data.tokenized], batch_size=tc.batch_size,
                                    seed=tc.seed, group=cfg.speed.length_batches, shuffle=tc.shuffle)
@@ -339,6 +341,8 @@ def _train(cfg: RunConfig, out: Path, resume: str | None) -> Path:
     )
     steps_per_epoch = max(1, len(loader) // tc.grad_accum)
     total = tc.max_steps or max(1, math.ceil(tc.epochs * steps_per_epoch))
+    if not method.trains:
+        total = 0
     params = [p for p in model.parameters() if p.requires_grad] + extra
     optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
     scheduler = make_scheduler(optimizer, schedule=tc.schedule, warmup=int(tc.warmup_ratio * total), total=total)
@@ -370,7 +374,10 @@ def _train(cfg: RunConfig, out: Path, resume: str | None) -> Path:
     log = MetricsLog(out, trackers=tuple(trackers), rows=rows, purge_step=c["step"] + 1, config=to_dict(cfg)) if acc.is_main_process else None
     in_training_eval = TrainingEval(cfg, tok, acc.unwrap_model(model), device_type=acc.device.type) if tc.eval_every else None
     where = f"resumed at step {c['step']} from {start} ->" if start else "->"
-    acc.print(f"training {cfg.train.method}: {total} steps x {tc.batch_size * tc.grad_accum} pairs, {n_trainable:,} trainable params {where} {out}")
+    if not method.trains:
+        acc.print(f"{cfg.train.method}: training-free, fitted from the reference pass (no gradient steps) -> {out}")
+    else:
+        acc.print(f"training {cfg.train.method}: {total} steps x {tc.batch_size * tc.grad_accum} pairs, {n_trainable:,} trainable params {where} {out}")
 
     def save_checkpoint() -> Path:
         """Every process's RNG, the main process's the rest; atomic (see reprpo.checkpoint)."""
@@ -455,7 +462,7 @@ def _train(cfg: RunConfig, out: Path, resume: str | None) -> Path:
                     "pad_waste": 1.0 - c["real_tokens"] / max(1, c["padded_tokens"]), "bad_steps": c["bad_steps"]}
             window, t_step = [], time.time()
             if in_training_eval and (step % tc.eval_every == 0 or step == total):
-                row |= in_training_eval(acc.unwrap_model(model))
+                row |= in_training_eval(acc.unwrap_model(model), method)
             if bad and acc.is_main_process:
                 print(f"reprpo: step {step}: loss {row['loss']:.4g}, grad norm {row['grad_norm']:.4g}: not finite, no update "
                       f"({c['bad_in_row']} in a row, {c['bad_steps']} in all; stops at train.max_bad_steps={tc.max_bad_steps} in a row)",
@@ -505,7 +512,7 @@ def _train(cfg: RunConfig, out: Path, resume: str | None) -> Path:
             torch.save(method.state_dict(), out / "method_state.pt")  # frames / pca bases
         report = {
             "steps": c["step"], "pairs_seen": c["micro"] * tc.batch_size, "trainable_params": n_trainable,
-            "bad_steps": c["bad_steps"], "resumed_from": str(start) if start else None,
+            "training_free": not method.trains, "bad_steps": c["bad_steps"], "resumed_from": str(start) if start else None,
             "layout": "shared-prompt" if layout.packed else "padded", "layout_detail": layout.describe(), "attention": layout.attention,
             "batch_prefix_tokens_saved": c["prefix_saved"], "response_tokens_shared": c["response_shared"],
             "reference_cache": cache is not None, "reference_cache_seconds": t_cache,

@@ -30,7 +30,7 @@ from reprpo.progress import bar
 @torch.no_grad()
 def score_pairs(model, pairs: list[TokenizedPair], *, pad_id: int, batch_size: int = 8, device=None,
                 layout: Layout = PADDED, chunk: int = 2048, workers: int = 1, scorer: Scorer | None = None,
-                desc: str = "score", progress: bool = True) -> pd.DataFrame:
+                method=None, desc: str = "score", progress: bool = True) -> pd.DataFrame:
     """Per-pair scores in the order of `pairs`: the scorer's columns (default `logp_mean`: log-prob
     sums and token counts of chosen and rejected, margin ℓ̄⁺ − ℓ̄⁻), then correctness.
 
@@ -39,9 +39,13 @@ def score_pairs(model, pairs: list[TokenizedPair], *, pad_id: int, batch_size: i
     per-operation synchronisation. On 2 CPU cores, W2 in fresh processes: two workers with one
     thread each 1.31 pairs/s, one worker with two threads 1.07-1.10 (bench/results/w2-workers.txt);
     interleaved in one process the gain was 1-5% (bench/scoring_ab.py). Scores are the same.
-    A progress bar `desc` counts the pairs (the workers update it; its update is locked)."""
+    A progress bar `desc` counts the pairs (the workers update it; its update is locked).
+    `method`: the run's method object, for a scorer that reads it (`Scorer.needs_method`)."""
     device = device or next(model.parameters()).device
     scorer = scorer or SCORERS["logp_mean"]
+    if scorer.needs_method and method is None:
+        raise ValueError(f"scorer {scorer.name} reads the run's method (its head or direction): pass method=")
+    kw = {"method": method} if scorer.needs_method else {}
     order = sorted(range(len(pairs)), key=lambda i: -pairs[i].length)  # longest first: OOM shows early
     layout = layout.for_pairs(pairs)
     todo: queue.SimpleQueue = queue.SimpleQueue()
@@ -59,7 +63,7 @@ def score_pairs(model, pairs: list[TokenizedPair], *, pad_id: int, batch_size: i
             except queue.Empty:
                 return
             batch = layout.collate([pairs[i] for i in idx], pad_id=pad_id).to(device)
-            cols = {k: v.tolist() for k, v in scorer.fn(model, batch, chunk=chunk, prefix_store=prefix_store).items()}
+            cols = {k: v.tolist() for k, v in scorer.fn(model, batch, chunk=chunk, prefix_store=prefix_store, **kw).items()}
             for j, i in enumerate(idx):
                 rows[i] = {"pair": pairs[i].index} | {k: v[j] for k, v in cols.items()}
             pbar.update(len(idx))
@@ -168,9 +172,15 @@ def base_scores_cached(model, pairs: list[TokenizedPair], *, pad_id: int, batch_
                                       | {"margin": margin.tolist()}))
 
 
+def base_scorer(scorer: Scorer) -> Scorer:
+    """The scorer of the base model's row: `scorer.base` when set (a reward head or probe scores
+    the adapter; the base is the zero-shot ℓ̄ margin), else the scorer itself."""
+    return SCORERS[scorer.base] if scorer.base else scorer
+
+
 def evaluate_splits(model, tokenizer, splits: dict[str, list[TokenizedPair]], *, batch_size: int, with_adapter: bool = True,
                     layout: Layout = PADDED, ref_cache: bool = False, chunk: int = 2048, workers: int = 1,
-                    scorer: Scorer | None = None, progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
+                    scorer: Scorer | None = None, method=None, progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Score each split for `base` (adapter off) and, if present, `adapter` (`workers`: see score_pairs;
     base scores from the reference cache are computed in one thread, as its activation capture needs).
 
@@ -180,19 +190,20 @@ def evaluate_splits(model, tokenizer, splits: dict[str, list[TokenizedPair]], *,
     per_pair, table = [], []
     pad = tokenizer.pad_token_id
     scorer = scorer or SCORERS["logp_mean"]
-    lay = {"layout": layout, "scorer": scorer, "progress": progress}
     for split, pairs in splits.items():
         row: dict[str, object] = {"split": split}
         variants = [("base", True)] + ([("adapter", False)] if with_adapter else [])
         for name, disable in variants:
-            lay["desc"] = f"score {split} ({name})"
-            if disable and ref_cache and scorer.from_logps is not None:
+            sc = base_scorer(scorer) if disable else scorer
+            lay = {"layout": layout, "scorer": sc, "progress": progress, "desc": f"score {split} ({name})"}
+            if disable and ref_cache and sc.from_logps is not None:
                 df = base_scores_cached(model, pairs, pad_id=pad, batch_size=batch_size, chunk=chunk, **lay)
             elif disable:
                 with adapter_disabled(model):
                     df = score_pairs(model, pairs, pad_id=pad, batch_size=batch_size, chunk=chunk, workers=workers, **lay)
             else:
-                df = score_pairs(model, pairs, pad_id=pad, batch_size=batch_size, chunk=chunk, workers=workers, **lay)
+                df = score_pairs(model, pairs, pad_id=pad, batch_size=batch_size, chunk=chunk, workers=workers,
+                                 method=method if sc.needs_method else None, **lay)
             df.insert(0, "model", name)
             df.insert(0, "split", split)
             per_pair.append(df)
@@ -263,6 +274,24 @@ def scoring_setup(cfg, model, *, device_type: str) -> dict:
             "workers": cfg.eval.workers or cpu_workers(device_type), "scorer": scorer_of(cfg)}
 
 
+def run_method(cfg, model, run_dir: str | Path | None):
+    """The method object a scorer reads (`Scorer.needs_method`: a reward head, a probe
+    direction), rebuilt from the run's config with its method_state.pt loaded; None when the
+    run's scorer does not read one."""
+    from reprpo.errors import ConfigError
+    from reprpo.methods.presets import build_method, scorer_of
+
+    if not scorer_of(cfg).needs_method or run_dir is None:
+        return None
+    path = Path(run_dir) / "method_state.pt"
+    if not path.is_file():
+        raise ConfigError(f"{run_dir}: no method_state.pt, which the {cfg.train.method} scorer reads (its head or direction). "
+                          "Retrain the run; a directory made by `reprpo export --adapter` holds only the LoRA part.")
+    method = build_method(cfg, model)
+    method.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return method.to(next(model.parameters()).device).eval()
+
+
 def evaluate_run(cfg, *, adapter_dir: str | Path | None, out: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Load the base model (+ the adapter in `adapter_dir`), prepare the config's eval splits,
     score them and write summary.{md,csv} and per-pair scores to `out`."""
@@ -282,7 +311,8 @@ def evaluate_run(cfg, *, adapter_dir: str | Path | None, out: Path) -> tuple[pd.
         splits[name] = prep.tokenized
         notes.append(f"{name}: {prep.summary()}")
     table, per_pair = evaluate_splits(model, tok, splits, with_adapter=adapter_dir is not None, ref_cache=cfg.speed.ref_cache,
-                                      progress=cfg.train.progress, **scoring_setup(cfg, model, device_type=device))
+                                      method=run_method(cfg, model, adapter_dir), progress=cfg.train.progress,
+                                      **scoring_setup(cfg, model, device_type=device))
     table.insert(1, "source", [sources[s] for s in table["split"]])  # each split's source, in summary.{csv,md}
     write_eval(out, table, per_pair, fmt=cfg.eval.per_pair_format)
     (out / "data.txt").write_text("\n".join(notes) + "\n")

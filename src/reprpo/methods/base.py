@@ -67,6 +67,7 @@ class Method(Protocol):
     """
 
     reference: RefNeeds  # reference data to cache (NO_REFERENCE: none)
+    trains: bool  # False: training-free (probe-mms, steer-mean): `prepare` fits it, no gradient steps
     packing: bool  # its loss is exact on the shared-prompt layout
     prefix: bool  # ... and with a batch prefix taken out of the rows
 
@@ -98,6 +99,7 @@ class MethodBase(nn.Module):
     """Defaults for the optional parts of `Method` (an nn.Module, so state_dict covers buffers)."""
 
     reference: RefNeeds = RefNeeds()
+    trains: bool = True
     packing: bool = True
     prefix: bool = True
 
@@ -145,16 +147,26 @@ class Preset:
 
 @dataclass(frozen=True)
 class Scorer:
-    """How evaluation scores a pair: fn(model, batch, prefix_store) -> per-pair columns, which
-    must include `margin` (b,) (score⁺ − score⁻; correct iff > 0, ties 0.5). The default,
-    `logp_mean`, is ℓ̄⁺ − ℓ̄⁻ (DESIGN §6). `from_logps`: for a scorer that is a function of
-    log-prob sums and token counts, that function (cols -> margin), so the base model's scores
-    can come from the offline reference cache; None for any other scorer."""
+    """How evaluation scores a pair: fn(model, batch, *, chunk, prefix_store) -> per-pair
+    columns (with `method=` too when `needs_method`), which must include `margin` (b,) (score⁺ − score⁻; correct iff > 0, ties 0.5) and
+    the log-prob columns of `logp_columns`. The default, `logp_mean`, is ℓ̄⁺ − ℓ̄⁻ (DESIGN §6).
+
+    from_logps: for a scorer that is a function of log-prob sums and token counts, that function
+    (cols -> margin), so the base model's scores can come from the offline reference cache; None
+    for any other scorer. needs_method: fn reads the run's method object (a reward head, a probe
+    direction), rebuilt from the run's config and method_state.pt. base: the scorer of the base
+    model's row (adapter off) when it is not this one: a reward head or a probe means nothing on
+    the untrained model, so their base is the zero-shot ℓ̄ margin, the same for every method.
+    lm: the margin is the language model's own log-prob margin, so the chosen-perplexity ratio
+    and the generation check say something about the method (False: the report prints n/a)."""
 
     name: str
     fn: Callable[..., dict[str, torch.Tensor]]
     help: str
     from_logps: Callable[[dict[str, torch.Tensor]], torch.Tensor] | None = None
+    needs_method: bool = False
+    base: str | None = None
+    lm: bool = True
 
 
 KINDS: Registry[MethodKind] = Registry("method kind")

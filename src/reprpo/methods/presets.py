@@ -14,7 +14,7 @@ from typing import Any
 
 from reprpo.config import RunConfig, apply_overrides
 from reprpo.data.readers import PAIRINGS
-from reprpo.methods import fpo, grad, output, representation, scorers, sft, tdpo  # noqa: F401 - registers kinds, presets, scorers
+from reprpo.methods import fpo, grad, mms, output, representation, reward, scorers, sft, tdpo  # noqa: F401 - registers kinds, presets, scorers
 from reprpo.methods.base import KINDS, PRESETS, SCORERS, Method, Preset
 from reprpo.methods.repr_losses import REPR_LOSSES
 from reprpo.methods.transforms import TRANSFORMS

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import re
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -141,18 +142,22 @@ def capture(points: list[CapturePoint]) -> Iterator[dict[str, torch.Tensor]]:
     """Collect each point's tensor (r, t, d) into the yielded dict during forwards inside the block.
 
     Keeps the graph (call under no_grad for the reference). Hooks are removed on exit, also on
-    exceptions."""
+    exceptions. Only forwards of the calling thread are collected: scoring workers share one
+    model (eval/scoring.py), and each worker's hooks see every worker's forwards."""
     store: dict[str, torch.Tensor] = {}
     handles = []
+    owner = threading.get_ident()
 
     def make(p: CapturePoint):
         if p.what == "output":
             def hook(_m, _inp, out):
-                store[p.key] = out[0] if isinstance(out, tuple) else out
+                if threading.get_ident() == owner:
+                    store[p.key] = out[0] if isinstance(out, tuple) else out
             return p.module.register_forward_hook(hook)
 
         def pre(_m, args, kwargs):
-            store[p.key] = args[0] if args else next(iter(kwargs.values()))
+            if threading.get_ident() == owner:
+                store[p.key] = args[0] if args else next(iter(kwargs.values()))
         return p.module.register_forward_pre_hook(pre, with_kwargs=True)
 
     try:
