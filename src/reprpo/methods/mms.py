@@ -27,7 +27,15 @@ from reprpo.config import RunConfig
 from reprpo.data.layout import PADDED
 from reprpo.data.tokenize import PairBatch, TokenizedPair
 from reprpo.errors import ConfigError
-from reprpo.methods.base import KINDS, SCORERS, MethodBase, MethodKind, RefNeeds, Scorer, register_preset
+from reprpo.methods.base import (
+    KINDS,
+    SCORERS,
+    MethodBase,
+    MethodKind,
+    RefNeeds,
+    Scorer,
+    register_preset,
+)
 from reprpo.methods.scorers import logp_columns, margin_from_logps
 from reprpo.model.capture import capture, capture_points, decoder_layers, parse_layers, pool
 from reprpo.model.forward import adapter_disabled, sequence_logps

@@ -17,7 +17,17 @@ from torch import nn
 
 from reprpo.config import RunConfig
 from reprpo.data.tokenize import PairBatch
-from reprpo.methods.base import KINDS, LN2, LR, NO_REFERENCE, SCORERS, MethodBase, MethodKind, Scorer, register_preset
+from reprpo.methods.base import (
+    KINDS,
+    LN2,
+    LR,
+    NO_REFERENCE,
+    SCORERS,
+    MethodBase,
+    MethodKind,
+    Scorer,
+    register_preset,
+)
 from reprpo.methods.scorers import logp_columns
 from reprpo.model.capture import pool
 from reprpo.model.forward import decoder_and_head, run_decoder
