@@ -200,7 +200,7 @@ def cmd_compare(args) -> int:
         check_not_reported(item.split("=", 1)[-1].strip(), split_list(args.shifts))
     ids = run_grid(methods=split_list(args.methods), shifts=split_list(args.shifts), seeds=seeds, base=base,
                    store_path=store_path, out_root=out, overrides=load_params(args.params or []),
-                   fail_fast=args.fail_fast)
+                   fail_fast=args.fail_fast, target_tuned=args.target_tuned)
     try:
         from reprpo.experiments.report import render_report
     except ImportError:
@@ -333,6 +333,9 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--steps", type=int, help="shortcut for --train.max_steps")
     c.add_argument("--fail-fast", action="store_true", help="stop at the first failing run (default: mark it failed and go on)")
     c.add_argument("--no-report", action="store_true", help="do not render the report (STORE_DIR/report) at the end")
+    c.add_argument("--target-tuned", nargs="?", const="dpo", metavar="METHOD",
+                   help="also train METHOD (default dpo; or sft) per shift and seed on the oos distribution's own train split, "
+                        "scored on the oos split: the report's differential elicitation DE = (acc_oos - acc_oos(base)) / acc_oos(target-tuned)")
     add_config_arguments(c, choices=registry_choices())
     c.set_defaults(func=cmd_compare)
     r = sub.add_parser("report", help="tables and plots from a results store",

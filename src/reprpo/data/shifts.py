@@ -26,6 +26,7 @@ class Shift:
     name: str
     train: str  # source of the training pairs
     splits: dict[str, str]  # split name -> source to score
+    oos_train: str = ""  # the oos distribution's own training split (compare --target-tuned trains on it)
 
 
 def shift_spec(name: str) -> str:
@@ -77,6 +78,7 @@ def resolve_shift(spec: str) -> Shift:
         train=src(r["train"], "train"),
         splits={"train": src(r["train"], "train"), "test": src(r["train"], "test"),
                 "oos": src(r["oos"], "test"), "rnd": src(r["rnd"], "test")},
+        oos_train=src(r["oos"], "train"),
     )
 
 

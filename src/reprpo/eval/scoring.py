@@ -212,7 +212,8 @@ def evaluate_splits(model, tokenizer, splits: dict[str, list[TokenizedPair]], *,
             row |= {f"{name}_{k}": v for k, v in s.items() if k != "n"}
         if with_adapter:
             row["delta_pp"] = delta_pp(row["adapter_accuracy"], row["base_accuracy"])
-            row["ppl_ratio"] = ppl_ratio(row["adapter_chosen_ppl"], row["base_chosen_ppl"])
+            # a reward head / probe is not the LM's score: its perplexity ratio says nothing about it (n/a)
+            row["ppl_ratio"] = ppl_ratio(row["adapter_chosen_ppl"], row["base_chosen_ppl"]) if scorer.lm else float("nan")
         table.append(row)
     return pd.DataFrame(table), pd.concat(per_pair, ignore_index=True)
 
@@ -246,7 +247,7 @@ def markdown_table(table: pd.DataFrame) -> str:
             cells += [f"{100 * r.adapter_accuracy:.1f}", f"{r.delta_pp:+.1f}"]
         cells += [f"{r.base_margin:+.3f}"]
         if has_adapter:
-            cells += [f"{r.adapter_margin:+.3f}", f"{r.ppl_ratio:.3f}"]
+            cells += [f"{r.adapter_margin:+.3f}", f"{r.ppl_ratio:.3f}" if np.isfinite(r.ppl_ratio) else "n/a"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -126,6 +126,37 @@ def transfer(d_oos: float, d_test: float, *, min_abs_test: float = 1e-9) -> tupl
 # --------------------------------------------------------------------------- over seeds
 
 
+def differential_elicitation(acc_oos: float, acc_oos_base: float, acc_oos_target: float) -> float:
+    """DE = (acc_oos(method) − acc_oos(base)) / acc_oos(target-tuned), accuracies in [0, 1]
+    GENIES (Clymer et al. 2023) "differential elicitation"; target-tuned = the reference method trained on the oos distribution's own train split. NaN when the target-tuned accuracy is 0 or missing."""
+    if not (math.isfinite(acc_oos_target) and acc_oos_target > 0):
+        return math.nan
+    return (acc_oos - acc_oos_base) / acc_oos_target
+
+
+def rms_calibration_error(margins: Iterable[float], *, seed: int = 0, bins: int = 5, min_bin: int = 20,
+                          flip: Iterable[bool] | None = None) -> float:
+    """RMS calibration error = √(Σ_b n_b (p̄_b − ȳ_b)² / Σ_b n_b) over bins with n_b ≥ `min_bin`
+    GENIES (Clymer et al. 2023), after Hendrycks et al. (2021): each pair's orientation is drawn (fixed `seed`): response A is the chosen one (y = 1) or, flipped, the rejected one (y = 0); p = σ(score_A − score_B), i.e. σ(m) or σ(−m) for margin m = score⁺ − score⁻; `bins` equal-width bins of p on [0, 1]. NaN when no bin has `min_bin` pairs.
+
+    `flip` (one bool per pair) replaces the drawn orientation (for hand-worked tests)."""
+    m = np.asarray(list(margins), dtype=float)
+    if m.size == 0:
+        return math.nan
+    f = np.random.default_rng(seed).random(m.size) < 0.5 if flip is None else np.asarray(list(flip), dtype=bool)
+    score = np.where(f, -m, m)  # score_A − score_B
+    p = 1.0 / (1.0 + np.exp(-score))
+    y = (~f).astype(float)
+    b = np.minimum((p * bins).astype(int), bins - 1)
+    num = den = 0.0
+    for k in range(bins):
+        sel = b == k
+        if sel.sum() >= min_bin:
+            num += sel.sum() * (p[sel].mean() - y[sel].mean()) ** 2
+            den += sel.sum()
+    return math.sqrt(num / den) if den else math.nan
+
+
 def _finite(values: Iterable[float]) -> np.ndarray:
     a = np.asarray([float(v) for v in values], dtype=float)
     return a[np.isfinite(a)]

@@ -135,6 +135,31 @@ def resumable(cfg: RunConfig) -> str | None:
     return "auto"
 
 
+def generation_na(cfg: RunConfig) -> bool:
+    """True when the generation check would not run the method (its scorer reads the method's
+    own state, which the saved adapter does not hold)."""
+    from reprpo.methods.presets import scorer_of
+
+    return scorer_of(cfg).needs_method
+
+
+TARGET = "target:"  # store method label of a target-tuned run: "target:dpo"
+
+
+def target_config(*, method: str, shift: str, seed: int, base: RunConfig, out_root: str | Path,
+                  overrides: dict[str, Any] | None = None) -> RunConfig:
+    """The target-tuned run of (shift, seed): `method` trained on the shift's oos distribution's
+    own train split and scored on that shift's oos split (GENIES's "target-tuned capability",
+    the denominator of differential elicitation)."""
+    from reprpo.data.shifts import resolve_shift
+
+    s = resolve_shift(shift)
+    if not s.oos_train:
+        raise ConfigError(f"--target-tuned: shift {shift} names no oos distribution with a train split.")
+    data = {"data.train": s.oos_train, "data.eval": {"oos": s.splits["oos"]}}
+    return build_run_config(method=method, shift=shift, seed=seed, base=base, out_root=out_root, overrides=(overrides or {}) | data)
+
+
 def execute_run(cfg: RunConfig, con, *, run_id: str, owner: str):
     """Train, score, generation-check one claimed run and write it to the store (one
     transaction). Scoring happens here, once (train() itself never evaluates).
@@ -149,7 +174,9 @@ def execute_run(cfg: RunConfig, con, *, run_id: str, owner: str):
     train(cfg, resume=resumable(cfg))  # a killed attempt's checkpoint is continued; else its files are cleared
     t1 = time.time()
     table, per_pair = evaluate_run(cfg, adapter_dir=out, out=out / "eval")
-    coh = run_coherence(cfg, adapter_dir=out, save=out / "generations.jsonl")
+    # the generation check runs the saved adapter alone: a method whose score needs its own
+    # state (a reward head, a probe, a steering vector) is not in it, so it is not checked (n/a)
+    coh = {} if generation_na(cfg) else run_coherence(cfg, adapter_dir=out, save=out / "generations.jsonl")
     t2 = time.time()
     scores = {"split_scores": split_rows(table), "pair_scores": pair_rows(per_pair), "coherence": coherence_rows(coh)}
     for name, rows in scores.items():  # SQLite would store NaN as NULL (or refuse it): never write one
@@ -182,7 +209,7 @@ def _headline(table) -> str:
 
 def run_grid(*, methods: list[str], shifts: list[str], seeds: list[int], base: RunConfig,
              store_path: str | Path, out_root: str | Path, overrides: dict[str, dict[str, Any]] | None = None,
-             progress: bool = True, fail_fast: bool = False) -> list[str]:
+             progress: bool = True, fail_fast: bool = False, target_tuned: str | None = None) -> list[str]:
     """Run every (method, shift, seed) not yet done; returns the grid's run_ids in run order.
 
     overrides: {method: {config key: value}} applied over `base` for that method only.
@@ -190,6 +217,10 @@ def run_grid(*, methods: list[str], shifts: list[str], seeds: list[int], base: R
     A failing run is marked 'failed' (error text stored, prefixed by its kind: see
     `store.error_text`) and the grid goes on, unless `fail_fast`. Config errors (unknown method /
     shift / key) and missing data sources (`check_sources`) are raised before any run starts.
+
+    target_tuned: a method (e.g. "dpo") also trained, per (shift, seed), on the oos
+    distribution's own train split (`target_config`); stored as method "target:METHOD", it gives
+    the report's differential elicitation.
     """
     for name, values in (("--methods", methods), ("--shifts", shifts), ("--seeds", seeds)):
         if not values:
@@ -203,12 +234,17 @@ def run_grid(*, methods: list[str], shifts: list[str], seeds: list[int], base: R
     shifts = [shift_spec(s) for s in shifts]
     for s in shifts:
         resolve_shift(s)  # unknown shift: error now, not after hours of runs
+    if target_tuned:
+        from reprpo.methods.base import PRESETS
+
+        PRESETS.check(target_tuned, where="--target-tuned")
     grid, checked = [], set()
     for seed in seeds:
         for shift in shifts:
-            for method in methods:
-                cfg = build_run_config(method=method, shift=shift, seed=seed, base=base, out_root=out_root,
-                                       overrides=overrides.get(method))
+            jobs = [(m, m) for m in methods] + ([(TARGET + target_tuned, target_tuned)] if target_tuned else [])
+            for label, method in jobs:
+                make = target_config if label.startswith(TARGET) else build_run_config
+                cfg = make(method=method, shift=shift, seed=seed, base=base, out_root=out_root, overrides=overrides.get(method))
                 if not progress:
                     cfg.train.progress = False
                 d = cfg.data
@@ -216,7 +252,7 @@ def run_grid(*, methods: list[str], shifts: list[str], seeds: list[int], base: R
                 if sources not in checked:  # a missing file: error now, not after every run has trained
                     check_sources(d.shift, d.train, d.eval, eval_fraction=d.eval_fraction)
                     checked.add(sources)
-                grid.append(cfg)
+                grid.append((label, cfg))
 
     check_out_root(Path(out_root))
     say = write if progress else (lambda *a, **k: None)  # write: a line that leaves the grid's bar intact
@@ -226,11 +262,11 @@ def run_grid(*, methods: list[str], shifts: list[str], seeds: list[int], base: R
     ids = []
     pbar = bar(grid, desc="compare", unit="run", enabled=progress)  # counts a run when it is done, skipped or failed
     try:
-        for i, cfg in enumerate(pbar, 1):
+        for i, (label, cfg) in enumerate(pbar, 1):
             rid = run_id_of(cfg)
             ids.append(rid)
-            tag = f"[{i}/{len(grid)}] {cfg.train.method} {cfg.data.shift} seed {cfg.train.seed} ({rid})"
-            state = store.claim_run(con, run_id=rid, method=cfg.train.method, shift=cfg.data.shift, seed=cfg.train.seed,
+            tag = f"[{i}/{len(grid)}] {label} {cfg.data.shift} seed {cfg.train.seed} ({rid})"
+            state = store.claim_run(con, run_id=rid, method=label, shift=cfg.data.shift, seed=cfg.train.seed,
                                     config_json=json.dumps(to_dict(cfg), sort_keys=True), out_dir=cfg.out, owner=owner)
             if state == "done":
                 say(f"{tag}: skip (done)")

@@ -20,9 +20,20 @@ import numpy as np
 import pandas as pd
 
 from reprpo.errors import ReprpoError
-from reprpo.eval.stats import Paired, delta_pp, fmt_ci, geo_mean_ci, mean_ci, paired_diff, transfer
+from reprpo.eval.stats import (
+    Paired,
+    delta_pp,
+    differential_elicitation,
+    fmt_ci,
+    geo_mean_ci,
+    mean_ci,
+    paired_diff,
+    rms_calibration_error,
+    transfer,
+)
 
 REFERENCE = "dpo"  # the baseline every method is paired against
+TARGET = "target:"  # method label of compare --target-tuned runs (experiments/compare.py)
 SPLIT_ORDER = ("train", "test", "oos", "rnd")
 CURVE_KEYS = ("loss", "rewards/margin")
 HOW_TO_READ = (
@@ -42,9 +53,12 @@ HOW_TO_READ = (
 def load_frames(store_path: str | Path) -> dict[str, pd.DataFrame]:
     """The store's tables for runs with status 'done' (one DataFrame per table).
 
-    Keys: runs, split_scores, curves, coherence; plus `status` (count of every run per status)
-    and `superseded` (older done runs of the same method, shift and seed, left out: the newest
-    finished one is used). Extra columns another writer adds (e.g. `owner`) are kept."""
+    Keys: runs, split_scores, curves, coherence, pair_scores (run_id, split, model, pair,
+    margin); plus `status` (count of every run per status), `superseded` (older done runs of
+    the same method, shift and seed, left out: the newest finished one is used) and `targets`
+    (the target-tuned runs of `compare --target-tuned`, method "target:M": run_id, method,
+    shift, seed and their oos accuracy `acc`; kept out of every other table). Extra columns
+    another writer adds (e.g. `owner`) are kept."""
     from reprpo.experiments.store import connect
 
     p = Path(store_path)
@@ -59,15 +73,38 @@ def load_frames(store_path: str | Path) -> dict[str, pd.DataFrame]:
         split_scores = q(f"SELECT * FROM split_scores WHERE run_id IN {done}")
         curves = q(f"SELECT * FROM curves WHERE run_id IN {done}")
         coherence = q(f"SELECT * FROM coherence WHERE run_id IN {done}")
+        pair_scores = q(f"SELECT run_id, split, model, pair, margin FROM pair_scores WHERE run_id IN {done}")
     finally:
         con.close()
     runs["_t"] = runs.finished.fillna(runs.created)
     runs = runs.sort_values("_t")
     dup = runs.duplicated(["method", "shift", "seed"], keep="last")
     superseded, runs = runs[dup].drop(columns="_t"), runs[~dup].drop(columns="_t")
+    is_target = runs.method.str.startswith(TARGET)
+    targets, runs = runs[is_target][["run_id", "method", "shift", "seed"]], runs[~is_target]
+    t_oos = split_scores[(split_scores.split == "oos") & (split_scores.model == "adapter")][["run_id", "accuracy"]]
+    targets = targets.merge(t_oos, on="run_id").rename(columns={"accuracy": "acc"})
     keep = lambda df: df[df.run_id.isin(runs.run_id)].reset_index(drop=True)
     return {"runs": runs.reset_index(drop=True), "split_scores": keep(split_scores), "curves": keep(curves),
-            "coherence": keep(coherence), "status": status, "superseded": superseded.reset_index(drop=True)}
+            "coherence": keep(coherence), "pair_scores": keep(pair_scores), "status": status,
+            "superseded": superseded.reset_index(drop=True), "targets": targets.reset_index(drop=True)}
+
+
+def scorer_facts(runs: pd.DataFrame) -> dict[str, tuple[str, bool, bool]]:
+    """method -> (scorer name, lm, in_adapter) from each run's config: lm False = the score is
+    not the LM's log-prob margin (ppl ratio n/a); in_adapter False = the method's state is not in
+    the saved adapter (no generation check). A method this reprpo does not know: ("?", True, True)."""
+    import json
+
+    from reprpo.methods.base import KINDS, PRESETS, SCORERS
+
+    out = {}
+    for r in runs.itertuples():
+        cfg = json.loads(r.config_json)
+        name = (cfg.get("eval") or {}).get("scorer") or (KINDS[PRESETS[r.method].kind].scorer if r.method in PRESETS else "")
+        sc = SCORERS.get(name) if name in SCORERS else None
+        out[r.method] = (name or "?", sc.lm if sc else True, not sc.needs_method if sc else True)
+    return out
 
 
 def _method_order(methods) -> list[str]:
@@ -201,6 +238,56 @@ def coherence_table(frames: dict[str, pd.DataFrame]) -> pd.DataFrame:
     out = pd.DataFrame(rows)
     order = {m: i for i, m in enumerate(_method_order(out.method))}
     return out.sort_values(["shift", "method", "metric"], key=lambda s: s.map(order) if s.name == "method" else s).reset_index(drop=True)
+
+
+def de_table(frames: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """Per (shift, method): differential elicitation per seed, DE = (acc_oos − acc_oos(base)) /
+    acc_oos(target-tuned of the same shift and seed), mean ± CI over the seeds that have a
+    target-tuned run (`defined` of `seeds`); the mean Δoos and target-tuned oos accuracy beside it."""
+    tg = frames["targets"]
+    if tg.empty:
+        return pd.DataFrame()
+    rt = run_table(frames)
+    oos = rt[rt.split == "oos"]
+    rows = []
+    for shift in sorted(oos["shift"].unique()):
+        target = {int(r.seed): float(r.acc) for r in tg[tg["shift"] == shift].itertuples()}
+        if not target:
+            continue
+        for method in _method_order(oos[oos["shift"] == shift].method):
+            cell = oos[(oos["shift"] == shift) & (oos.method == method)]
+            des = [differential_elicitation(r.adapter_acc, r.base_acc, target.get(int(r.seed), math.nan)) for r in cell.itertuples()]
+            m, h = mean_ci(des)
+            rows.append({"shift": shift, "method": method, "seeds": len(cell), "defined": int(np.isfinite(des).sum()),
+                         "de": m, "de_hw": h, "d_oos": float(cell.delta_pp.mean()),
+                         "target_acc": 100 * float(np.mean([target[s] for s in cell.seed if s in target] or [math.nan])),
+                         "target": tg.method.iloc[0].removeprefix(TARGET)})
+    return pd.DataFrame(rows)
+
+
+def calibration_table(frames: dict[str, pd.DataFrame], *, seed: int = 0) -> pd.DataFrame:
+    """Per (shift, split, method): GENIES RMS calibration error of each run's per-pair margins
+    (σ(margin) as the probability; orientation drawn with `seed`, the same pairs flipped in every
+    run), mean ± CI over the seeds where it is defined, for the adapter and the base model."""
+    ps = frames["pair_scores"]
+    if ps.empty:
+        return pd.DataFrame()
+    per_run = []
+    for (rid, split, model), g in ps.groupby(["run_id", "split", "model"]):
+        per_run.append({"run_id": rid, "split": split, "model": model,
+                        "rms": rms_calibration_error(g.sort_values("pair").margin.to_numpy(), seed=seed)})
+    pr = pd.DataFrame(per_run).merge(frames["runs"][["run_id", "method", "shift", "seed"]], on="run_id")
+    rows = []
+    for shift in sorted(pr["shift"].unique()):
+        at = pr[pr["shift"] == shift]
+        for split in _split_order(at.split):
+            for method in _method_order(at.method):
+                cell = at[(at.split == split) & (at.method == method)]
+                a, ah = mean_ci(cell[cell.model == "adapter"].rms)
+                b, _ = mean_ci(cell[cell.model == "base"].rms)
+                rows.append({"shift": shift, "split": split, "method": method, "seeds": int((cell.model == "adapter").sum()),
+                             "defined": int(np.isfinite(cell[cell.model == "adapter"].rms).sum()), "adapter": a, "adapter_hw": ah, "base": b})
+    return pd.DataFrame(rows)
 
 
 # --------------------------------------------------------------------------- plots
@@ -385,6 +472,9 @@ def render_markdown(frames: dict[str, pd.DataFrame], *, store_path: str | Path, 
     """The report's markdown from loaded frames; `images` maps a title to a PNG file name."""
     summary, overall = summary_table(frames), overall_table(frames)
     tr, co = transfer_table(frames), coherence_table(frames)
+    de, cal = de_table(frames), calibration_table(frames)
+    facts = scorer_facts(frames["runs"])
+    ppl = lambda r: "n/a" if not facts.get(r.method, ("", True, True))[1] else f"{_num(r.ppl_ratio, '.3f')} [{_num(r.ppl_lo, '.3f')}, {_num(r.ppl_hi, '.3f')}]"
     status = ", ".join(f"{r.runs} {r.status}" for r in frames["status"].itertuples()) or "no runs"
     runs = frames["runs"]
     L = ["# reprpo results", "",
@@ -408,8 +498,13 @@ def render_markdown(frames: dict[str, pd.DataFrame], *, store_path: str | Path, 
             [[r.split, r.method, str(r.seeds), _n(r.n_pairs), _num(r.base_acc), _num(r.adapter_acc),
               fmt_ci(r.delta_pp, r.delta_hw),
               (fmt_ci(r.vs_dpo, r.vs_dpo_hw) + f" (n={r.vs_dpo_n})") if r.vs_dpo_n else "—",
-              fmt_ci(r.margin_gain, r.margin_gain_hw, digits=3),
-              f"{_num(r.ppl_ratio, '.3f')} [{_num(r.ppl_lo, '.3f')}, {_num(r.ppl_hi, '.3f')}]"] for r in s.itertuples()])
+              fmt_ci(r.margin_gain, r.margin_gain_hw, digits=3), ppl(r)] for r in s.itertuples()])
+        own = sorted(m for m in set(s.method) if facts.get(m, ("logp_mean",))[0] not in ("logp_mean", "logp_sum", "?"))
+        if own:
+            not_lm = [m for m in own if not facts[m][1]]
+            L += ["", "Scored by their own scorer (base: the zero-shot ℓ̄ margin, as for every method): "
+                  + ", ".join(f"{m} (`{facts[m][0]}`)" for m in own) + ". Their margin gain is in that score's units"
+                  + (f"; ppl ratio n/a for {', '.join(not_lm)}: the score is not the LM's log-prob margin." if not_lm else ".")]
         t = tr[tr["shift"] == shift] if len(tr) else tr
         if len(t):
             L += ["", "### Transfer Δoos / Δtest", ""]
@@ -417,7 +512,33 @@ def render_markdown(frames: dict[str, pd.DataFrame], *, store_path: str | Path, 
                            [[r.method, str(r.seeds), _num(r.d_test, "+.1f"), _num(r.d_oos, "+.1f"),
                              fmt_ci(r.transfer, r.transfer_hw, digits=2, signed=False), f"{r.defined}/{r.seeds}",
                              _num(r.ratio_of_means, ".2f")] for r in t.itertuples()])
+        d = de[de["shift"] == shift] if len(de) else de
+        if len(d):
+            L += ["", "### Differential elicitation (GENIES)", "",
+                  f"DE = (acc_oos − acc_oos(base)) / acc_oos(target-tuned): the target-tuned run is {d.target.iloc[0]} trained on "
+                  "the oos distribution's own train split, same seed. ± = 95% CI over seeds.", ""]
+            L += _md_table(["method", "seeds", "Δoos pp", "target-tuned oos %", "DE", "defined"],
+                           [[r.method, str(r.seeds), _num(r.d_oos, "+.1f"), _num(r.target_acc), fmt_ci(r.de, r.de_hw, digits=3),
+                             f"{r.defined}/{r.seeds}"] for r in d.itertuples()])
+        elif len(s):
+            L += ["", "Differential elicitation: no target-tuned runs for this shift (`reprpo compare --target-tuned`)."]
+        k = cal[cal["shift"] == shift] if len(cal) else cal
+        if len(k):  # splits where no method's calibration is defined are left out
+            k = k[k.split.isin(set(k[(k.defined > 0) | np.isfinite(k.base)].split))]
+            if k.empty:
+                L += ["", "Calibration (GENIES RMS error): undefined here, no 5-bin bin held 20 pairs; score more pairs (data.n_eval)."]
+        if len(k):
+            L += ["", "### Calibration (GENIES RMS calibration error)", "",
+                  "σ(margin) as the probability that a response is preferred, pair orientation randomised (seed 0), 5 bins, "
+                  "bins under 20 pairs skipped (— : no bin had 20). Lower is better; base = the zero-shot ℓ̄ margin.", ""]
+            L += _md_table(["split", "method", "seeds", "base", "adapter", "defined"],
+                           [[r.split, r.method, str(r.seeds), _num(r.base, ".3f"), fmt_ci(r.adapter, r.adapter_hw, digits=3),
+                             f"{r.defined}/{r.seeds}"] for r in k.itertuples()])
         c = co[co["shift"] == shift] if len(co) else co
+        no_gen = sorted(m for m in set(s.method) if not facts.get(m, ("", True, True))[2])
+        if no_gen:
+            L += ["", "Generation check n/a for " + ", ".join(no_gen) + ": the method's state (head, probe or steering "
+                  "vector) is not part of the saved adapter that generates."]
         if len(c):
             L += ["", "### Coherence (greedy generations)", ""]
             L += _md_table(["method", "metric", "seeds", "base", "adapter", "adapter − base"],
