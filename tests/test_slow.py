@@ -96,3 +96,47 @@ def test_smollm2_sae_train_then_fpo_4_steps(genies_dir, tmp_path):
     m = pd.read_csv(train(cfg) / "metrics.csv")
     assert len(m) == 4 and m.loss.map(math.isfinite).all()
     assert m.loss[0] == pytest.approx(math.log(2), abs=1e-4)
+
+
+def test_smollm2_reward_4_steps_on_genies(genies_dir, tmp_path):
+    """The Bradley–Terry reward model trains 4 steps on 16 GENIES pairs: ln 2 at step 1 (head at
+    zero), finite losses, and `evaluate_run` scores it by r⁺ − r⁻ (ppl ratio n/a) read back from
+    method_state.pt, its base row the zero-shot ℓ̄ margin."""
+    from reprpo.eval.scoring import evaluate_run
+    from reprpo.methods import resolve_config
+    from reprpo.train import train
+
+    src = str(genies_dir / "us_history_textbook" / "train.json")
+    cfg = resolve_config(("test", {"data.shift": "", "data.train": src, "data.eval": f"train={src}", "data.n_train": 16,
+                                   "data.n_eval": 16, "train.batch_size": 4, "train.max_steps": 4, "train.lr": 5e-4,
+                                   "train.progress": False, "out": str(tmp_path / "reward")}), method="reward")
+    out = train(cfg)
+    m = pd.read_csv(out / "metrics.csv")
+    assert len(m) == 4 and all(math.isfinite(x) for x in m.loss)
+    assert m.loss[0] == pytest.approx(math.log(2), abs=1e-6)
+    table, per_pair = evaluate_run(cfg, adapter_dir=out, out=out / "eval")
+    r = per_pair[per_pair.model == "adapter"]
+    assert r.margin.tolist() == pytest.approx((r.reward_chosen - r.reward_rejected).tolist(), abs=1e-6) and r.margin.abs().sum() > 0
+    assert math.isnan(table.ppl_ratio[0])
+
+
+def test_smollm2_probe_mms_on_genies(genies_dir, tmp_path):
+    """probe-mms on 32 GENIES pairs, no gradient steps: the block is chosen among the candidates,
+    and scoring the same pairs at test time reproduces the fitted direction: the mean margin
+    over the fitting pairs is ⟨mean δ, v⟩ = ‖v‖² > 0 (cache pooling = scoring pooling)."""
+    import torch
+
+    from reprpo.eval.scoring import evaluate_run
+    from reprpo.methods import resolve_config
+    from reprpo.train import train
+
+    src = str(genies_dir / "us_history_textbook" / "train.json")
+    cfg = resolve_config(("test", {"data.shift": "", "data.train": src, "data.eval": f"train={src}", "data.n_train": 32,
+                                   "data.n_eval": 32, "train.batch_size": 8, "train.progress": False,
+                                   "out": str(tmp_path / "probe")}), method="probe-mms")
+    out = train(cfg)
+    state = torch.load(out / "method_state.pt")
+    assert int(state["layer"]) in (7, 11, 15, 18, 22)  # 0.25 .. 0.75 of 30 blocks
+    table, per_pair = evaluate_run(cfg, adapter_dir=out, out=out / "eval")
+    mean_margin = per_pair[per_pair.model == "adapter"].margin.mean()
+    assert mean_margin == pytest.approx(float(state["v"].norm() ** 2), rel=1e-3)

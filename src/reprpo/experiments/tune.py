@@ -115,19 +115,23 @@ class _Scorer:
             self._splits[key] = prepare(sources[split], tok, d, limit=d.n_eval).tokenized
         return key, self._splits[key]
 
-    def gain(self, model, tok, cfg: RunConfig, split: str) -> dict[str, float]:
-        """{'base': acc, 'adapter': acc, 'delta_pp': Δ} on one split."""
-        from reprpo.eval.scoring import score_pairs, scoring_setup, summarize
+    def gain(self, model, tok, cfg: RunConfig, split: str, *, method=None) -> dict[str, float]:
+        """{'base': acc, 'adapter': acc, 'delta_pp': Δ} on one split (`method`: the run's method
+        object, for a scorer that reads it: `eval.scoring.run_method`)."""
+        from reprpo.eval.scoring import base_scorer, score_pairs, scoring_setup, summarize
         from reprpo.eval.stats import delta_pp
         from reprpo.model.forward import adapter_disabled
 
         key, pairs = self._pairs(cfg, tok, split)
         kw = scoring_setup(cfg, model, device_type=next(model.parameters()).device.type)  # evaluate_run's layout and batch size
+        base_kw = kw | {"scorer": base_scorer(kw["scorer"])}  # a reward head or probe: the base is the zero-shot ℓ̄ margin
+        key = (*key, base_kw["scorer"].name)
         if key not in self._base:
             with adapter_disabled(model):
                 self._base[key] = summarize(score_pairs(model, pairs, pad_id=tok.pad_token_id, desc=f"score {split} (base)",
-                                                        progress=cfg.train.progress, **kw))
-        ad = summarize(score_pairs(model, pairs, pad_id=tok.pad_token_id, desc=f"score {split} (adapter)", progress=cfg.train.progress, **kw))
+                                                        progress=cfg.train.progress, **base_kw))
+        ad = summarize(score_pairs(model, pairs, pad_id=tok.pad_token_id, desc=f"score {split} (adapter)", progress=cfg.train.progress,
+                                   method=method, **kw))
         b = self._base[key]["accuracy"]
         return {"base": b, "adapter": ad["accuracy"], "delta_pp": delta_pp(ad["accuracy"], b)}
 
@@ -156,6 +160,7 @@ def run_tune(method: str, *, shift: str, trials: int, base: dict[str, Any] | Non
     (each trial's own bars follow its `train.progress`, false unless the base config sets it)."""
     import optuna
 
+    from reprpo.eval.scoring import run_method
     from reprpo.model.loading import device_type, load_model
     from reprpo.train import train
 
@@ -208,14 +213,15 @@ def run_tune(method: str, *, shift: str, trials: int, base: dict[str, Any] | Non
             raise
         try:
             model, tok = load_model(cfg.model, adapter=adapter, device=device_type(cfg.train.device))
-            tr = scorer.gain(model, tok, cfg, "train")
+            meth = run_method(cfg, model, adapter)  # a reward head or probe direction (None for most methods)
+            tr = scorer.gain(model, tok, cfg, "train", method=meth)
             trial.set_user_attr("train_delta_pp", tr["delta_pp"])
             trial.set_user_attr("out", str(tdir))
             trial.report(tr["delta_pp"], step=0)
             if trial.should_prune():
                 log(f"trial {trial.number}: pruned (train Δ {tr['delta_pp']:+.1f} pp below the median) {params}")
                 raise optuna.TrialPruned()
-            oos = scorer.gain(model, tok, cfg, "oos")
+            oos = scorer.gain(model, tok, cfg, "oos", method=meth)
             trial.set_user_attr("oos_base_acc", oos["base"])
             trial.set_user_attr("oos_adapter_acc", oos["adapter"])
             log(f"trial {trial.number}: oos Δ {oos['delta_pp']:+.1f} pp (train Δ {tr['delta_pp']:+.1f}) {params}")
