@@ -20,8 +20,8 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed ## install everything (idempotent)
 
-demo: setup ## does hs-pca-prefvec beat DPO? built-in `difficulty` shift, 3 seeds, report with CIs and plots
-	$(VENV)/bin/reprpo compare --config configs/demo.yaml --methods dpo,hs-pca-prefvec \
+demo: setup ## does hs-pca-prefvec beat DPO, and the baselines (probe-mms, reward)? built-in `difficulty` shift, 3 seeds, DE, report with CIs and plots
+	$(VENV)/bin/reprpo compare --config configs/demo.yaml --methods dpo,hs-pca-prefvec,probe-mms,reward --target-tuned \
 	    --shifts difficulty --seeds 1,2,3 --out runs/demo
 
 demo-train: setup ## one DPO run on the built-in `difficulty` shift, then base vs adapter on train/test/oos/rnd
