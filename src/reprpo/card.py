@@ -117,7 +117,13 @@ def render_card(run_dir: str | Path, cfg: RunConfig | None = None, *, command: s
     out = front + [f"# `{t.method}` {what} on `{name}`", "",
                    f"Trained with reprpo, method `{t.method}`; every setting is in the run directory's config.yaml.", "",
                    "## Base model and loading", ""] + base_lines(name, kind=kind, fingerprint=rec)
-    if (run / "method_state.pt").exists():
+    from reprpo.methods.presets import scorer_of
+
+    own = scorer_of(cfg).needs_method  # the method's score reads method_state.pt (reward head, probe / steering direction)
+    if (run / "method_state.pt").exists() and own:
+        out.append(f"- method_state.pt holds the method itself (read by its scorer `{scorer_of(cfg).name}`): `reprpo eval` loads it; "
+                   "the LoRA adapter alone (what `reprpo export` writes and generation uses) is not this method")
+    elif (run / "method_state.pt").exists():
         out.append("- method_state.pt (the run's learned or fitted frames, e.g. pca bases) belongs to the training objective, not "
                    "to the model: generation does not use it, and `reprpo export` leaves it out")
     out += ["", "## Method", ""] + method_lines(cfg)
@@ -134,6 +140,9 @@ def render_card(run_dir: str | Path, cfg: RunConfig | None = None, *, command: s
             + f"; batch {t.batch_size} × grad_accum {t.grad_accum}; lr {t.lr:g} ({t.schedule}, warmup {t.warmup_ratio:g}); seed {t.seed}",
             f"- LoRA: r {lo.r}, alpha {lo.alpha:g}, dropout {lo.dropout:g}, target_modules `{lo.target_modules}`"
             + (f"; {report['trainable_params']:,} trainable parameters" if "trainable_params" in report else "")]
+    if report.get("training_free"):
+        out.append("- training-free: fitted from one reference pass over the training pairs, no gradient step; the LoRA adapter "
+                   "is the identity (kept so the run loads like any other)")
     if report.get("bad_steps"):
         out.append(f"- {report['bad_steps']} step(s) with a non-finite loss or gradient made no update")
     if report.get("resumed_from"):
