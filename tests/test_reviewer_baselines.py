@@ -11,7 +11,15 @@ import torch
 
 from reprpo.eval.stats import differential_elicitation, rms_calibration_error
 from reprpo.methods import build_method, resolve_config
-from reprpo.methods.mms import accuracy, choose_layer, holdout_split, mass_mean, mms_margin, response_row_mask, steered
+from reprpo.methods.mms import (
+    accuracy,
+    choose_layer,
+    holdout_split,
+    mass_mean,
+    mms_margin,
+    response_row_mask,
+    steered,
+)
 from reprpo.methods.reward import bt_loss
 
 LN2 = math.log(2)
@@ -225,12 +233,12 @@ def test_compare_with_target_tuned_reports_de_calibration_and_na(tmp_path):
 
     base = apply_overrides(RunConfig(), {k: v for k, v in TINY.items() if k != "data.shift"} | {"train.max_steps": 2}, where="test")
     store_path = tmp_path / "s.sqlite"
-    run_grid(methods=["dpo", "probe-mms", "reward"], shifts=["difficulty"], seeds=[1, 2], base=base, store_path=store_path,
+    run_grid(methods=["dpo", "probe-mms", "reward", "steer-mean"], shifts=["difficulty"], seeds=[1, 2], base=base, store_path=store_path,
              out_root=tmp_path / "runs", progress=False, fail_fast=True, target_tuned="dpo")
     con = sqlite3.connect(store_path)
     rows = con.execute("SELECT method, config_json FROM runs WHERE status = 'done' ORDER BY method").fetchall()
     con.close()
-    assert sorted(m for m, _ in rows) == sorted(["dpo", "probe-mms", "reward", "target:dpo"] * 2)
+    assert sorted(m for m, _ in rows) == sorted(["dpo", "probe-mms", "reward", "steer-mean", "target:dpo"] * 2)
     tcfg = next(c for m, c in rows if m == "target:dpo")
     assert "builtin:arith_hard/train" in tcfg and '"oos": "builtin:arith_hard/test"' in tcfg  # the oos distribution's own train split
     frames = load_frames(store_path)
@@ -245,6 +253,38 @@ def test_compare_with_target_tuned_reports_de_calibration_and_na(tmp_path):
         assert got.de == pytest.approx(sum(want) / 2) and got.defined == 2
     md = render_report(store_path, tmp_path / "report")
     assert "Differential elicitation" in md and "Calibration" in md
-    assert "Generation check n/a for probe-mms, reward" in md
+    assert "Generation check n/a for probe-mms, reward:" in md
+    assert set(frames["coherence"].merge(frames["runs"], on="run_id").method) == {"dpo", "steer-mean"}  # steer-mean generates steered
     reward_rows = [line for line in md.splitlines() if line.startswith("| test | reward |")]
     assert reward_rows and reward_rows[0].rstrip(" |").endswith("n/a")
+
+
+def test_steered_generation_adds_the_vector_at_generated_tokens_only(tiny):
+    """A prompt pass of 8 tokens with prompt_len 5: block 0's output + vec at positions 5..7
+    only; a later one-token call (KV cache): + vec. A zero vector leaves greedy generation as it was."""
+    from reprpo.methods.mms import steered_generation
+    from reprpo.model.capture import capture, capture_points
+
+    model, tok = tiny
+    pt = capture_points(model, collection="hs", layers=[0])
+    vec = torch.ones(model.config.hidden_size)
+    x = torch.arange(3, 11)[None]
+    with torch.no_grad():
+        with capture(pt) as plain:
+            model(input_ids=x)
+        with steered_generation(model, 0, vec, 5), capture(pt) as st:
+            model(input_ids=x)
+            model(input_ids=x[:, :1])  # the second call: one new token
+            one = st["hs.0"]
+        with capture(pt) as plain1:
+            model(input_ids=x[:, :1])
+    mask = (torch.arange(8) >= 5).float()
+    assert torch.allclose(one, plain1["hs.0"] + vec, atol=1e-5)
+    with torch.no_grad(), steered_generation(model, 0, vec, 5), capture(pt) as st:
+        model(input_ids=x)
+    assert torch.allclose(st["hs.0"] - plain["hs.0"], mask[None, :, None] * vec, atol=1e-5)
+    with torch.no_grad():
+        y0 = model.generate(input_ids=x, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        with steered_generation(model, 0, vec * 0, x.shape[1]):
+            y1 = model.generate(input_ids=x, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(y0, y1)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -45,9 +46,12 @@ def ngram_metrics(generations: Sequence[Sequence[int]]) -> dict[str, float]:
 
 @torch.no_grad()
 def generate_greedy(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, chat_template: bool,
-                    max_prompt_length: int | None = None, desc: str = "generate", progress: bool = True) -> list[list[int]]:
+                    max_prompt_length: int | None = None, desc: str = "generate", progress: bool = True,
+                    context=None) -> list[list[int]]:
     """Greedy continuation token ids of each prompt (one prompt at a time: no padding effects),
-    cut at the first EOS. A progress bar `desc` counts the prompts."""
+    cut at the first EOS. A progress bar `desc` counts the prompts. `context(prompt_len)`: a
+    context each generation runs in (a method that acts during the forward, e.g. steer-mean's
+    `generating`)."""
     from transformers import GenerationConfig
 
     device = next(model.parameters()).device
@@ -61,7 +65,8 @@ def generate_greedy(model, tokenizer, prompts: Sequence[str], *, max_new_tokens:
         if max_prompt_length:
             ids = ids[-max_prompt_length:]
         x = torch.tensor([ids], device=device)  # (1, t)
-        y = model.generate(input_ids=x, attention_mask=torch.ones_like(x), generation_config=gcfg)
+        with context(x.shape[1]) if context is not None else nullcontext():
+            y = model.generate(input_ids=x, attention_mask=torch.ones_like(x), generation_config=gcfg)
         gen = y[0, x.shape[1] :].tolist()
         if eos is not None and eos in gen:
             gen = gen[: gen.index(eos)]
@@ -71,7 +76,7 @@ def generate_greedy(model, tokenizer, prompts: Sequence[str], *, max_new_tokens:
 
 def generation_check(model, tokenizer, prompts: list[str], *, max_new_tokens: int = MAX_NEW_TOKENS,
                      chat_template: bool, max_prompt_length: int | None = None,
-                     texts: list[str] | None = None, desc: str = "generate", progress: bool = True) -> dict[str, float]:
+                     texts: list[str] | None = None, desc: str = "generate", progress: bool = True, context=None) -> dict[str, float]:
     """Greedy-generate from `prompts` with `model` as it is (adapter on or off is the caller's
     choice) and return `ngram_metrics` of the continuations; `texts`, when given, receives the
     decoded continuations."""
@@ -79,7 +84,8 @@ def generation_check(model, tokenizer, prompts: list[str], *, max_new_tokens: in
     model.eval()
     try:
         gens = generate_greedy(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
-                               chat_template=chat_template, max_prompt_length=max_prompt_length, desc=desc, progress=progress)
+                               chat_template=chat_template, max_prompt_length=max_prompt_length, desc=desc, progress=progress,
+                               context=context)
     finally:
         model.train(was_training)
     if texts is not None:
@@ -91,12 +97,17 @@ def run_coherence(cfg, *, adapter_dir, n_prompts: int = N_PROMPTS, max_new_token
                   save: Path | None = None) -> dict[str, dict[str, float]]:
     """{'base': metrics, 'adapter': metrics} on the first `n_prompts` prompts of the config's
     `test` split (else its first eval split); base = the same model with the adapter off.
-    `save`: a JSON-lines file of every generation ({"model", "prompt", "text"}), base first."""
+    `save`: a JSON-lines file of every generation ({"model", "prompt", "text"}), base first.
+    A method that acts during the forward (its scorer reads it and it has `generating`, e.g.
+    steer-mean) generates inside that context."""
     from reprpo.data.readers import load_pairs
     from reprpo.data.shifts import sources_of
+    from reprpo.eval.scoring import run_method
     from reprpo.model.loading import device_type, load_model
 
     model, tok = load_model(cfg.model, adapter=adapter_dir, device=device_type(cfg.train.device))
+    method = run_method(cfg, model, adapter_dir)
+    context = (lambda n: method.generating(model, n)) if hasattr(method, "generating") else None
     _, splits = sources_of(cfg.data)
     source = splits.get("test") or next(iter(splits.values()))
     pairs, _ = load_pairs(source, pairing=cfg.data.pairing, tokenizer=tok, limit=n_prompts, columns=cfg.data.columns)
@@ -106,7 +117,8 @@ def run_coherence(cfg, *, adapter_dir, n_prompts: int = N_PROMPTS, max_new_token
     texts: dict[str, list[str]] = {"base": [], "adapter": []}
     with adapter_disabled(model):
         base = generation_check(model, tok, prompts, texts=texts["base"], desc="generate (base)", **kw)
-    metrics = {"base": base, "adapter": generation_check(model, tok, prompts, texts=texts["adapter"], desc="generate (adapter)", **kw)}
+    metrics = {"base": base, "adapter": generation_check(model, tok, prompts, texts=texts["adapter"], desc="generate (adapter)",
+                                                         context=context, **kw)}
     if save is not None:
         with Path(save).open("w") as fh:
             for name, gens in texts.items():

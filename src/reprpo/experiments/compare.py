@@ -136,11 +136,11 @@ def resumable(cfg: RunConfig) -> str | None:
 
 
 def generation_na(cfg: RunConfig) -> bool:
-    """True when the generation check would not run the method (its scorer reads the method's
-    own state, which the saved adapter does not hold)."""
+    """True when the method's score is not the LM's own log-prob margin (`Scorer.lm` False: a
+    reward head, a probe), so there is no generation of the method to check."""
     from reprpo.methods.presets import scorer_of
 
-    return scorer_of(cfg).needs_method
+    return not scorer_of(cfg).lm
 
 
 TARGET = "target:"  # store method label of a target-tuned run: "target:dpo"
@@ -174,8 +174,8 @@ def execute_run(cfg: RunConfig, con, *, run_id: str, owner: str):
     train(cfg, resume=resumable(cfg))  # a killed attempt's checkpoint is continued; else its files are cleared
     t1 = time.time()
     table, per_pair = evaluate_run(cfg, adapter_dir=out, out=out / "eval")
-    # the generation check runs the saved adapter alone: a method whose score needs its own
-    # state (a reward head, a probe, a steering vector) is not in it, so it is not checked (n/a)
+    # the generation check needs a method that generates: a reward head or a probe scores, it
+    # does not generate (n/a); steer-mean generates with its vector added (eval/coherence.py)
     coh = {} if generation_na(cfg) else run_coherence(cfg, adapter_dir=out, save=out / "generations.jsonl")
     t2 = time.time()
     scores = {"split_scores": split_rows(table), "pair_scores": pair_rows(per_pair), "coherence": coherence_rows(coh)}

@@ -92,8 +92,9 @@ def load_frames(store_path: str | Path) -> dict[str, pd.DataFrame]:
 
 def scorer_facts(runs: pd.DataFrame) -> dict[str, tuple[str, bool, bool]]:
     """method -> (scorer name, lm, in_adapter) from each run's config: lm False = the score is
-    not the LM's log-prob margin (ppl ratio n/a); in_adapter False = the method's state is not in
-    the saved adapter (no generation check). A method this reprpo does not know: ("?", True, True)."""
+    not the LM's log-prob margin (ppl ratio and generation check n/a); in_adapter False = the
+    method's state is not in the saved adapter (a head, a direction: method_state.pt). A method
+    this reprpo does not know: ("?", True, True)."""
     import json
 
     from reprpo.methods.base import KINDS, PRESETS, SCORERS
@@ -535,10 +536,10 @@ def render_markdown(frames: dict[str, pd.DataFrame], *, store_path: str | Path, 
                            [[r.split, r.method, str(r.seeds), _num(r.base, ".3f"), fmt_ci(r.adapter, r.adapter_hw, digits=3),
                              f"{r.defined}/{r.seeds}"] for r in k.itertuples()])
         c = co[co["shift"] == shift] if len(co) else co
-        no_gen = sorted(m for m in set(s.method) if not facts.get(m, ("", True, True))[2])
+        no_gen = sorted(m for m in set(s.method) if not facts.get(m, ("", True, True))[1])
         if no_gen:
-            L += ["", "Generation check n/a for " + ", ".join(no_gen) + ": the method's state (head, probe or steering "
-                  "vector) is not part of the saved adapter that generates."]
+            L += ["", "Generation check n/a for " + ", ".join(no_gen) + ": a reward head or a probe scores responses, "
+                  "it does not generate."]
         if len(c):
             L += ["", "### Coherence (greedy generations)", ""]
             L += _md_table(["method", "metric", "seeds", "base", "adapter", "adapter − base"],

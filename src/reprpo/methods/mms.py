@@ -188,6 +188,10 @@ class SteerMean(MassMeanProbe):
         self.register_buffer("alpha", torch.tensor(0.0))
         self.register_buffer("held_accuracy_alpha", torch.zeros(0))  # per multiple of |v|, in self.grid order
 
+    def generating(self, model, prompt_len: int):
+        """The context `generate` runs in: α·v/‖v‖ added at the generated tokens (eval/coherence.py)."""
+        return steered_generation(model, int(self.layer), self.vector().to(next(model.parameters()).device), prompt_len)
+
     def vector(self) -> torch.Tensor:
         """α·v/‖v‖ (0 where v = 0)."""
         n = self.v.norm()
@@ -221,6 +225,33 @@ class SteerMean(MassMeanProbe):
         shown = ", ".join(f"{c:g}: {100 * a:.0f}%" for c, a in zip(self.grid, accs))
         print(f"{self.name}: alpha = {self.grid[best]:g} x |v| = {float(self.alpha):.4g} at block {int(self.layer)} "
               f"(held-out ℓ̄ accuracy by multiple, {len(pairs)} pairs: {shown})", file=sys.stderr)
+
+
+@contextmanager
+def steered_generation(model, layer: int, vec: torch.Tensor, prompt_len: int):
+    """Inside the block, block `layer`'s output is h + vec at every position from `prompt_len` on
+    (the generated tokens: the prompt pass is left alone; with a KV cache each later call feeds
+    one new token). The response tokens of `steered`, for `generate`."""
+    owner = threading.get_ident()
+    seen = {"calls": 0}
+
+    def hook(_m, _inp, out):
+        h = out[0] if isinstance(out, tuple) else out
+        first, seen["calls"] = seen["calls"] == 0, seen["calls"] + 1
+        if threading.get_ident() != owner:
+            return None
+        if h.shape[1] > 1 or first:  # the prompt pass (or a full recompute): positions from prompt_len on
+            m = (torch.arange(h.shape[1], device=h.device) >= prompt_len).to(h.dtype)
+        else:  # one new token
+            m = torch.ones(1, device=h.device, dtype=h.dtype)
+        h = h + m[None, :, None] * vec.to(h.dtype)
+        return (h, *out[1:]) if isinstance(out, tuple) else h
+
+    handle = decoder_layers(model)[layer].register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def steer_score(model, batch: PairBatch, *, chunk: int = 2048, prefix_store: dict | None = None, method: SteerMean | None = None):
