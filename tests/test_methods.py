@@ -34,7 +34,8 @@ LN2 = math.log(2)
 # loss at step 1, when policy == reference (LoRA B = 0), DESIGN §4-5
 INIT = {"dpo": LN2, "cdpo": LN2, "ipo": 1 / (4 * 0.1**2), "hinge": 1.0, "projgrad": LN2, "projbp": LN2,
         "mse": 1.0, "prefvec": 2 * LN2, "rank": LN2, "innerdpo": 2 * LN2, "innerpo": 2 * LN2,
-        "tdpo1": LN2, "tdpo2": LN2, "fpo": LN2, "reward": LN2}  # reward: the head starts at 0; TDPO: ρ = 0 and D(y) = 0 at init; FPO: m = 0, MSE = 0
+        "tdpo1": LN2, "tdpo2": LN2, "fpo": LN2, "reward": LN2,
+        "bipo": LN2, "loreft": 2 * LN2}  # bipo, loreft(-dpo): the adapter is the identity at init (v = 0; W = R, b = 0); reward: the head starts at 0; TDPO: ρ = 0 and D(y) = 0 at init; FPO: m = 0, MSE = 0
 
 
 @pytest.fixture(scope="module")

@@ -114,7 +114,8 @@ def test_every_preset_is_a_method_with_its_init_value(method, tiny, tmp_path):
     meth = build_method(cfg, model)
     assert isinstance(meth, Method)
     table = {"dpo": LN2, "cdpo": LN2, "ipo": 25.0, "hinge": 1.0, "projgrad": LN2, "projbp": LN2, "tdpo1": LN2, "fpo": LN2,
-             "tdpo2": LN2, "mse": 1.0, "prefvec": 2 * LN2, "rank": LN2, "innerdpo": 2 * LN2, "innerpo": 2 * LN2, "reward": LN2}
+             "tdpo2": LN2, "mse": 1.0, "prefvec": 2 * LN2, "rank": LN2, "innerdpo": 2 * LN2, "innerpo": 2 * LN2, "reward": LN2,
+             "bipo": LN2, "loreft": 2 * LN2}
     key = method if method in table else method.split("-")[-1]
     assert init_loss(cfg) == (pytest.approx(table[key]) if key in table else None)
 

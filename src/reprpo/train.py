@@ -23,7 +23,7 @@ from reprpo.data.shifts import sources_of
 from reprpo.errors import ConfigError, TrainingError
 from reprpo.methods import build_method
 from reprpo.methods.gradproj import lora_modules
-from reprpo.methods.presets import preset_note
+from reprpo.methods.presets import preset, preset_note
 from reprpo.model.layout import build_layout
 from reprpo.model.loading import device_type, load_model
 from reprpo.model.memory import keep_freed_memory
@@ -36,6 +36,15 @@ def default_out(cfg: RunConfig) -> Path:
 
 
 def make_lora(model, cfg: RunConfig):
+    """The trained adapter on `model`, as `train.adapter` says: PEFT LoRA, or a representation
+    adapter (loreft / vector at the blocks of method.layers, `model/interventions.py`)."""
+    if cfg.method.bipo_flip and (cfg.train.adapter != "vector" or preset(cfg.train.method).kind != "output"):
+        raise ConfigError(f"method.bipo_flip flips a learned vector in an output loss: it needs --train.adapter vector "
+                          f"(got {cfg.train.adapter}) and an output-loss method such as bipo or dpo (got {cfg.train.method}).")
+    if cfg.train.adapter != "lora":
+        from reprpo.model import interventions
+
+        return interventions.from_config(model, cfg)
     from peft import LoraConfig, get_peft_model
 
     tm = cfg.lora.target_modules
@@ -312,6 +321,9 @@ def _train(cfg: RunConfig, out: Path, resume: str | None) -> Path:
     model = make_lora(model, cfg)
     model.train()
     method = build_method(cfg, model)
+    if cfg.train.adapter != "lora" and method.reference.directions:
+        raise ConfigError(f"{cfg.train.method} projects the gradients of LoRA modules; train.adapter {cfg.train.adapter} has none. "
+                          "Use --train.adapter lora.")
     # one layout for every pass (reference cache and training batches alike, so their numerics
     # match): the header common to the whole training set, else each batch's own
     layout = build_layout(cfg.speed, model, stage="train", device_type=acc.device.type, packing=method.packing,
@@ -503,7 +515,12 @@ def _train(cfg: RunConfig, out: Path, resume: str | None) -> Path:
         if bad_names := _nonfinite(_adapter_tensors(final) | dict(method.state_dict())):
             raise TrainingError(f"the trained adapter holds non-finite values ({', '.join(bad_names[:3])}); not saved as a result. "
                                 f"Lower --train.lr (now {tc.lr:g}).")
-        final.save_pretrained(out)
+        from reprpo.model import interventions
+
+        if interventions.find(final) is not None:  # a representation adapter: OUT/intervention.{safetensors,_config.json}
+            interventions.save(final, out)
+        else:
+            final.save_pretrained(out)
         tok.save_pretrained(out)
         from reprpo.model.loading import record_base
 
@@ -512,7 +529,7 @@ def _train(cfg: RunConfig, out: Path, resume: str | None) -> Path:
             torch.save(method.state_dict(), out / "method_state.pt")  # frames / pca bases
         report = {
             "steps": c["step"], "pairs_seen": c["micro"] * tc.batch_size, "trainable_params": n_trainable,
-            "training_free": not method.trains, "bad_steps": c["bad_steps"], "resumed_from": str(start) if start else None,
+            "training_free": not method.trains, "adapter": cfg.train.adapter, "bad_steps": c["bad_steps"], "resumed_from": str(start) if start else None,
             "layout": "shared-prompt" if layout.packed else "padded", "layout_detail": layout.describe(), "attention": layout.attention,
             "batch_prefix_tokens_saved": c["prefix_saved"], "response_tokens_shared": c["response_shared"],
             "reference_cache": cache is not None, "reference_cache_seconds": t_cache,

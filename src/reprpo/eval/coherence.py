@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from reprpo.data.tokenize import format_prompt
+from reprpo.model import interventions
 from reprpo.model.forward import adapter_disabled
 from reprpo.progress import bar
 
@@ -65,7 +66,8 @@ def generate_greedy(model, tokenizer, prompts: Sequence[str], *, max_new_tokens:
         if max_prompt_length:
             ids = ids[-max_prompt_length:]
         x = torch.tensor([ids], device=device)  # (1, t)
-        with context(x.shape[1]) if context is not None else nullcontext():
+        # a representation adapter acts at the generated tokens (+ loreft's prompt tokens); a no-op without one
+        with interventions.generating(model, x.shape[1]), context(x.shape[1]) if context is not None else nullcontext():
             y = model.generate(input_ids=x, attention_mask=torch.ones_like(x), generation_config=gcfg)
         gen = y[0, x.shape[1] :].tolist()
         if eos is not None and eos in gen:

@@ -266,3 +266,6 @@ for _name in repr_preset_names():
     if TRANSFORMS[_t].needs_sae:
         _values["method.layers"] = "sae"
     register_preset(_name, "repr", _values, f"{_lo} on {_t}-transformed {_c} activations")
+register_preset("loreft", "repr", {"method.collection": "hs", "method.transform": "none", "method.loss": "prefvec",
+                                   "train.adapter": "loreft"},
+                "hs-none-prefvec through a LoReFT adapter at method.layers (Wu et al. 2024) instead of LoRA")

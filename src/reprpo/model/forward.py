@@ -9,13 +9,15 @@ from __future__ import annotations
 import functools
 import hashlib
 import inspect
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
 
 from reprpo.data.tokenize import PairBatch
 from reprpo.model import blocked_attention
+
+INTERVENTION_ATTR = "reprpo_intervention"  # the causal LM's submodule holding a representation adapter (model/interventions.py)
 
 
 @dataclass
@@ -150,14 +152,17 @@ def run_decoder(model, batch: PairBatch, *, prefix_store: dict | None = None) ->
 
     decoder, _ = decoder_and_head(model)
     p = next(decoder.parameters())
+    iv = getattr(base_model(model), INTERVENTION_ATTR, None)  # a representation adapter acts at this batch's positions
     with attention_impl(model, batch.attention if batch.packed else "keep"):  # the layout's kernel (model/layout.py)
         kw = model_inputs(batch, dtype=p.dtype)
         if batch.prefix_len:
             r = batch.input_ids.shape[0]
-            kv = prefix_kv(decoder, batch.prefix_ids, store=None if torch.is_grad_enabled() else prefix_store)
+            with iv.skipped() if iv is not None else nullcontext():  # the prefix holds no response token
+                kv = prefix_kv(decoder, batch.prefix_ids, store=None if torch.is_grad_enabled() else prefix_store)
             kw |= {cache_arg(decoder): DynamicCache([(k.expand(r, -1, -1, -1), v.expand(r, -1, -1, -1)) for k, v in kv]),
                    "use_cache": True}
-        return decoder(**kw).last_hidden_state
+        with iv.at(batch) if iv is not None else nullcontext():
+            return decoder(**kw).last_hidden_state
 
 
 def response_states(model, batch: PairBatch, *, prefix_store: dict | None = None):
@@ -209,7 +214,13 @@ def sequence_logps(model, batch: PairBatch, *, chunk: int = 2048, full_logits: b
 
 @contextmanager
 def adapter_disabled(model):
-    """Run the base model: the PEFT adapter is off inside the block, back on after (also on error)."""
+    """Run the base model: the PEFT adapter (or a representation adapter) is off inside the block,
+    back on after (also on error)."""
+    iv = getattr(base_model(model), INTERVENTION_ATTR, None)
+    if iv is not None:
+        with iv.disabled():
+            yield
+        return
     peft = model
     while hasattr(peft, "module") and not hasattr(peft, "disable_adapter"):
         peft = peft.module
@@ -221,14 +232,15 @@ def adapter_disabled(model):
 
 
 def model_fingerprint(model) -> str:
-    """Hash of the base weights (LoRA tensors excluded: the reference runs with the adapter off)."""
+    """Hash of the base weights (LoRA tensors and a representation adapter excluded: the reference
+    runs with the adapter off)."""
     lm = base_model(model)
     cached = getattr(lm, "_reprpo_fingerprint", None)
     if cached:
         return cached
     h = hashlib.blake2b(digest_size=16)
     for name, p in sorted(lm.state_dict().items()):
-        if "lora_" in name:
+        if "lora_" in name or name.startswith(INTERVENTION_ATTR + "."):
             continue
         h.update(name.replace("base_layer.", "").encode())
         h.update(str((tuple(p.shape), p.dtype)).encode())

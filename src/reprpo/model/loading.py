@@ -350,7 +350,8 @@ def record_base(run_dir: str | Path, mc, model) -> dict:
     from reprpo.model.forward import model_fingerprint
 
     name = portable_name(mc.name)
-    set_adapter_base(run_dir, name)
+    if (Path(run_dir) / "adapter_config.json").is_file():  # a representation adapter has no PEFT config (its base: reprpo.json)
+        set_adapter_base(run_dir, name)
     rec = read_run_record(run_dir) | {"base_model": name, "base_dtype": mc.dtype, "base_fingerprint": model_fingerprint(model)}
     write_run_record(run_dir, rec)
     return rec
@@ -383,13 +384,19 @@ def load_model(mc, *, adapter: str | Path | None = None, device: str | None = No
 
     The base always comes from `mc.name`, never from adapter_config.json (PeftModel.from_pretrained
     takes the model it is given); `check_base` warns when it is not the one the adapter was
-    trained on."""
+    trained on. A representation adapter (`train.adapter` loreft / vector: intervention_config.json,
+    no adapter_config.json) is hooked onto the base (`interventions.load`)."""
     model, tok = load_model_and_tokenizer(mc.name, dtype=mc.dtype, trust_remote_code=mc.trust_remote_code)
     if adapter is not None:
         from peft import PeftModel
 
+        from reprpo.model import interventions
+
         check_base(adapter, mc, model)
-        model = PeftModel.from_pretrained(model, str(adapter))
+        if interventions.is_saved(adapter) and not (Path(adapter) / "adapter_config.json").is_file():
+            model = interventions.load(model, adapter)
+        else:
+            model = PeftModel.from_pretrained(model, str(adapter))
     if device is not None:
         model.to(device).eval()
     return model, tok
