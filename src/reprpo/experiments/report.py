@@ -533,7 +533,7 @@ def render_markdown(frames: dict[str, pd.DataFrame], *, store_path: str | Path, 
                   "σ(margin) as the probability that a response is preferred, pair orientation randomised (seed 0), 5 bins, "
                   "bins under 20 pairs skipped (— : no bin had 20). Lower is better; base = the zero-shot ℓ̄ margin.", ""]
             L += _md_table(["split", "method", "seeds", "base", "adapter", "defined"],
-                           [[r.split, r.method, str(r.seeds), _num(r.base, ".3f"), fmt_ci(r.adapter, r.adapter_hw, digits=3),
+                           [[r.split, r.method, str(r.seeds), _num(r.base, ".3f"), fmt_ci(r.adapter, r.adapter_hw, digits=3, signed=False),
                              f"{r.defined}/{r.seeds}"] for r in k.itertuples()])
         c = co[co["shift"] == shift] if len(co) else co
         no_gen = sorted(m for m in set(s.method) if not facts.get(m, ("", True, True))[1])
