@@ -288,3 +288,38 @@ def test_steered_generation_adds_the_vector_at_generated_tokens_only(tiny):
         with steered_generation(model, 0, vec * 0, x.shape[1]):
             y1 = model.generate(input_ids=x, max_new_tokens=6, do_sample=False, pad_token_id=0)
     assert torch.equal(y0, y1)
+
+
+@pytest.mark.parametrize("method", ["reward", "probe-mms", "steer-mean"])
+def test_scorers_that_hook_the_model_are_exact_with_two_scoring_workers(method, tiny, tiny_data):
+    """Scoring workers share one model, so every worker's forward passes every hook: each hook
+    must act on (and collect) its own thread's forward only. Two workers give the one-worker
+    margins (before, the reward / probe hooks read the other thread's hidden states: a shape
+    error or wrong margins)."""
+    from reprpo.eval.scoring import score_pairs
+    from reprpo.methods.presets import scorer_of
+    from reprpo.train import make_lora
+
+    cfg = resolve_config(("t", TINY | {"method.probe_holdout": 0.5, "method.steer_pairs": 4, "method.layers": "0"}), method=method)
+    model = make_lora(copy.deepcopy(tiny[0]), cfg)
+    meth = build_method(cfg, model)
+    tp, _ = tiny_data
+    meth.prepare(model, tp, pad_id=tiny[1].pad_token_id)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in meth.parameters():  # the reward head: non-zero, so its margins differ per pair
+            p.normal_()
+        if method == "steer-mean":
+            meth.alpha = torch.tensor(2.0)
+    model.eval()
+    kw = dict(pad_id=tiny[1].pad_token_id, batch_size=1, scorer=scorer_of(cfg), method=meth, progress=False)
+    with torch.inference_mode():
+        one = score_pairs(model, tp, workers=1, **kw)
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for _ in range(3):
+            two = score_pairs(model, tp, workers=2, **kw)
+            assert two.margin.tolist() == pytest.approx(one.margin.tolist(), abs=1e-5)
+    finally:
+        torch.set_num_threads(old)
