@@ -89,16 +89,16 @@ def response_row_mask(batch: PairBatch) -> torch.Tensor:
 
 
 @contextmanager
-def steered(model, layer: int, vec: torch.Tensor, batch: PairBatch):
-    """Inside the block, block `layer`'s output is h + vec at the batch's response tokens
-    (a batch-prefix pass, which holds none, is left alone; so are other threads' forwards: scoring
-    workers share the model)."""
-    mask = response_row_mask(batch)
+def added_at(model, layer: int, vec: torch.Tensor, mask_of):
+    """Inside the block, block `layer`'s output h (R, t, d) becomes h + mask[..., None]·vec, with
+    mask = mask_of(h) ((R, t) or (t,); None: leave this call alone). Only the calling thread's
+    forwards are touched: scoring workers share the model."""
     owner = threading.get_ident()
 
     def hook(_m, _inp, out):
         h = out[0] if isinstance(out, tuple) else out
-        if threading.get_ident() != owner or h.shape[:2] != mask.shape:
+        mask = mask_of(h) if threading.get_ident() == owner else None
+        if mask is None:
             return None
         h = h + mask[..., None].to(h.dtype) * vec.to(h.dtype)
         return (h, *out[1:]) if isinstance(out, tuple) else h
@@ -108,6 +108,13 @@ def steered(model, layer: int, vec: torch.Tensor, batch: PairBatch):
         yield
     finally:
         handle.remove()
+
+
+def steered(model, layer: int, vec: torch.Tensor, batch: PairBatch):
+    """Inside the block, block `layer`'s output is h + vec at the batch's response tokens
+    (a batch-prefix pass, which holds none, is left alone)."""
+    mask = response_row_mask(batch)
+    return added_at(model, layer, vec, lambda h: mask if h.shape[:2] == mask.shape else None)
 
 
 class MassMeanProbe(MethodBase):
@@ -227,31 +234,19 @@ class SteerMean(MassMeanProbe):
               f"(held-out ℓ̄ accuracy by multiple, {len(pairs)} pairs: {shown})", file=sys.stderr)
 
 
-@contextmanager
 def steered_generation(model, layer: int, vec: torch.Tensor, prompt_len: int):
     """Inside the block, block `layer`'s output is h + vec at every position from `prompt_len` on
     (the generated tokens: the prompt pass is left alone; with a KV cache each later call feeds
     one new token). The response tokens of `steered`, for `generate`."""
-    owner = threading.get_ident()
     seen = {"calls": 0}
 
-    def hook(_m, _inp, out):
-        h = out[0] if isinstance(out, tuple) else out
+    def mask_of(h):
         first, seen["calls"] = seen["calls"] == 0, seen["calls"] + 1
-        if threading.get_ident() != owner:
-            return None
         if h.shape[1] > 1 or first:  # the prompt pass (or a full recompute): positions from prompt_len on
-            m = (torch.arange(h.shape[1], device=h.device) >= prompt_len).to(h.dtype)
-        else:  # one new token
-            m = torch.ones(1, device=h.device, dtype=h.dtype)
-        h = h + m[None, :, None] * vec.to(h.dtype)
-        return (h, *out[1:]) if isinstance(out, tuple) else h
+            return (torch.arange(h.shape[1], device=h.device) >= prompt_len).float()
+        return torch.ones(1, device=h.device)  # one new token
 
-    handle = decoder_layers(model)[layer].register_forward_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
+    return added_at(model, layer, vec, mask_of)
 
 
 def steer_score(model, batch: PairBatch, *, chunk: int = 2048, prefix_store: dict | None = None, method: SteerMean | None = None):
