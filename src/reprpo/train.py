@@ -24,9 +24,10 @@ from reprpo.errors import ConfigError, TrainingError
 from reprpo.methods import build_method
 from reprpo.methods.gradproj import lora_modules
 from reprpo.methods.presets import preset, preset_note
+from reprpo.model.forward import Policy, through
 from reprpo.model.layout import build_layout
-from reprpo.model.loading import device_type, load_model
-from reprpo.model.memory import keep_freed_memory
+from reprpo.model.loading import device_type, is_quantized, load_model
+from reprpo.model.memory import compile_blocks, enable_gradient_checkpointing, keep_freed_memory
 from reprpo.model.refcache import build_ref_cache
 from reprpo.progress import bar as progress_bar
 
@@ -289,7 +290,14 @@ def _train(cfg: RunConfig, out: Path, resume: str | None) -> Path:
     trackers = [t.strip() for t in tc.report_to.split(",") if t.strip() not in ("", "csv", "none")]
     if "wandb" in trackers and importlib.util.find_spec("wandb") is None:
         start_wandb(out, {})  # the clear error, before the model loads
-    acc = Accelerator(cpu=device_type(tc.device) == "cpu", mixed_precision=tc.mixed_precision, gradient_accumulation_steps=tc.grad_accum)
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    AcceleratorState._reset_state()  # one process may train runs of other mixed precisions (tests, tune, compare); the process group stays
+    # find_unused_parameters: a representation loss read at block l leaves the LoRA of the blocks
+    # above it without a gradient, which DDP must be told about (it then finds them each step)
+    acc = Accelerator(cpu=device_type(tc.device) == "cpu", mixed_precision=tc.mixed_precision, gradient_accumulation_steps=tc.grad_accum,
+                      kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     if start is None:
         if acc.is_main_process and start_clean(out):
             acc.print(f"{out}: held an earlier run; cleared (pass --resume auto to continue a run instead)")
@@ -318,6 +326,10 @@ def _train(cfg: RunConfig, out: Path, resume: str | None) -> Path:
 
     # adapter (seeded: the LoRA init repeats) and method
     set_seed(tc.seed)
+    if cfg.model.load_in_4bit:  # QLoRA: norms and head in float32, inputs that carry grad (PEFT's recipe)
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     model = make_lora(model, cfg)
     model.train()
     method = build_method(cfg, model)
@@ -327,16 +339,25 @@ def _train(cfg: RunConfig, out: Path, resume: str | None) -> Path:
     # one layout for every pass (reference cache and training batches alike, so their numerics
     # match): the header common to the whole training set, else each batch's own
     layout = build_layout(cfg.speed, model, stage="train", device_type=acc.device.type, packing=method.packing,
-                          prefix=method.prefix).for_pairs(data.tokenized)
-    model.to(acc.device)
+                          prefix=method.prefix and not tc.gradient_checkpointing).for_pairs(data.tokenized)
+    if tc.gradient_checkpointing:
+        enable_gradient_checkpointing(model, attention=layout.attention if layout.packed else None)
+    if cfg.speed.compile:
+        if method.reference.directions or cfg.method.collection == "side":
+            raise ConfigError(f"speed.compile: {cfg.train.method} hooks modules inside the decoder blocks, which the compiled "
+                              "blocks would trace and recompile at every step. Set --speed.compile false.")
+        compile_blocks(model)
+    if not is_quantized(model):  # a 4-bit model was placed on its GPU when it loaded
+        model.to(acc.device)
     cache, t_cache = None, time.time()
     need = method.reference
     if cfg.speed.ref_cache and need.cached:  # one reference pass now, none in the loop (for what the cache holds)
-        cache = build_ref_cache(model, data.tokenized, pad_id=tok.pad_token_id, layout=layout, batch_size=tc.batch_size,
-                                points=list(need.points), pooling=cfg.method.pooling, outlier_quantile=cfg.method.outlier_quantile,
-                                chunk=cfg.speed.logit_chunk, directions=lora_modules(model) if need.directions else None,
-                                features=need.features,
-                                progress=tc.progress and acc.is_main_process)
+        with acc.main_process_first():  # process 0 computes and saves it; the others then read it from disk
+            cache = build_ref_cache(model, data.tokenized, pad_id=tok.pad_token_id, layout=layout, batch_size=tc.batch_size,
+                                    points=list(need.points), pooling=cfg.method.pooling, outlier_quantile=cfg.method.outlier_quantile,
+                                    chunk=cfg.speed.logit_chunk, directions=lora_modules(model) if need.directions else None,
+                                    features=need.features,
+                                    progress=tc.progress and acc.is_main_process)
     t_cache = time.time() - t_cache
     method.prepare(model, data.tokenized, pad_id=tok.pad_token_id, cache=cache, layout=layout)  # e.g. fit pca, size frames
     method.to(acc.device)
@@ -372,7 +393,8 @@ def _train(cfg: RunConfig, out: Path, resume: str | None) -> Path:
         scheduler.load_state_dict(meta["scheduler"])
         c |= meta["counters"]
         rows = meta["metrics"]
-    model, optimizer, loader = acc.prepare(model, optimizer, loader)
+    # every training forward goes through `policy`, the prepared (DDP / FSDP) module: see Policy
+    policy, optimizer, loader = acc.prepare(Policy(model), optimizer, loader)
     if state is not None:  # the data position: mid-epoch, the epoch's order with its first batches left out
         if c["micro_in_epoch"] >= len(loader):  # the checkpoint's step ended an epoch
             c["epoch"], c["micro_in_epoch"] = c["epoch"] + 1, 0
@@ -384,7 +406,7 @@ def _train(cfg: RunConfig, out: Path, resume: str | None) -> Path:
 
     save_yaml(cfg, out / "config.yaml")
     log = MetricsLog(out, trackers=tuple(trackers), rows=rows, purge_step=c["step"] + 1, config=to_dict(cfg)) if acc.is_main_process else None
-    in_training_eval = TrainingEval(cfg, tok, acc.unwrap_model(model), device_type=acc.device.type) if tc.eval_every else None
+    in_training_eval = TrainingEval(cfg, tok, model, device_type=acc.device.type) if tc.eval_every else None
     where = f"resumed at step {c['step']} from {start} ->" if start else "->"
     if not method.trains:
         acc.print(f"{cfg.train.method}: training-free, fitted from the reference pass (no gradient steps) -> {out}")
@@ -402,7 +424,7 @@ def _train(cfg: RunConfig, out: Path, resume: str | None) -> Path:
         if acc.is_main_process:
             rng_t, rng_m = ckpt.rng_state()
             opt_t, opt_m = ckpt.optimizer_state(optimizer)
-            tensors = {f"adapter/{n}": p for n, p in _adapter_tensors(acc.unwrap_model(model)).items()}
+            tensors = {f"adapter/{n}": p for n, p in _adapter_tensors(model).items()}
             tensors |= {f"method/{k}": v for k, v in method.state_dict().items()} | opt_t | rng_t
             tensors["sampler/epoch_start"], tensors["sampler/now"] = sampler.epoch_start, sampler.gen.get_state()
             meta = {"step": c["step"], "counters": c, "metrics": rows, "optimizer": opt_m, "scheduler": scheduler.state_dict(),
@@ -421,10 +443,10 @@ def _train(cfg: RunConfig, out: Path, resume: str | None) -> Path:
                 # the loader's own draw at the epoch start (which the continued run made before it)
                 ckpt.set_rng_state(state, meta["rng"])
                 state = None
-            with acc.accumulate(model):
+            with acc.accumulate(policy):
                 ref = cache.lookup(batch) if cache is not None else None
-                with method.step(model, batch, ref=ref) as ref:  # gradient methods hook forward + backward here
-                    per_pair, metrics = method.loss(model, batch, ref=ref)
+                with method.step(policy, batch, ref=ref) as ref:  # gradient methods hook forward + backward here
+                    per_pair, metrics = through(policy, method.loss, batch, ref=ref)
                     loss = per_pair.mean()
                     acc.backward(loss)
                 c["real_tokens"] += batch.n_tokens
@@ -456,7 +478,7 @@ def _train(cfg: RunConfig, out: Path, resume: str | None) -> Path:
                                 raise
                             raise TrainingError(f"step {c['step'] + 1}: the optimiser step overflowed ({e}); --train.lr {tc.lr:g} "
                                                 "is too large. Lower it.") from e
-                        method.after_step(model, optimizer)  # e.g. projgrad's update projection
+                        method.after_step(policy, optimizer)  # e.g. projgrad's update projection
                     scheduler.step()  # a skipped step still uses its slot of the schedule
                     optimizer.zero_grad()
             if not acc.sync_gradients:
@@ -469,12 +491,15 @@ def _train(cfg: RunConfig, out: Path, resume: str | None) -> Path:
             else:
                 c["bad_in_row"] = 0
             row = {"step": step, "epoch": c["micro"] / max(1, len(loader))}
-            row |= {k: float(torch.stack([w[k] for w in window]).mean()) for k in window[0]}
+            means = torch.stack([torch.stack([w[k].float() for w in window]).mean() for k in window[0]])
+            if acc.num_processes > 1:  # the step's metrics over every process's pairs
+                means = acc.reduce(means.to(acc.device), reduction="mean")
+            row |= dict(zip(window[0], means.tolist(), strict=True))
             row |= {"grad_norm": float(gnorm), "lr": lr, "sec_per_step": time.time() - t_step,
                     "pad_waste": 1.0 - c["real_tokens"] / max(1, c["padded_tokens"]), "bad_steps": c["bad_steps"]}
             window, t_step = [], time.time()
             if in_training_eval and (step % tc.eval_every == 0 or step == total):
-                row |= in_training_eval(acc.unwrap_model(model), method)
+                row |= in_training_eval(model, method)
             if bad and acc.is_main_process:
                 print(f"reprpo: step {step}: loss {row['loss']:.4g}, grad norm {row['grad_norm']:.4g}: not finite, no update "
                       f"({c['bad_in_row']} in a row, {c['bad_steps']} in all; stops at train.max_bad_steps={tc.max_bad_steps} in a row)",
@@ -511,7 +536,7 @@ def _train(cfg: RunConfig, out: Path, resume: str | None) -> Path:
     acc.wait_for_everyone()
     if acc.is_main_process:
         log.close()
-        final = acc.unwrap_model(model)
+        final = model
         if bad_names := _nonfinite(_adapter_tensors(final) | dict(method.state_dict())):
             raise TrainingError(f"the trained adapter holds non-finite values ({', '.join(bad_names[:3])}); not saved as a result. "
                                 f"Lower --train.lr (now {tc.lr:g}).")

@@ -36,7 +36,7 @@ from reprpo.methods.gradproj import (
     projgrad,
 )
 from reprpo.methods.losses import dpo_loss
-from reprpo.model.forward import sequence_logps
+from reprpo.model.forward import sequence_logps, through
 from reprpo.model.refcache import RefOut
 
 
@@ -94,7 +94,7 @@ class GradMethod(MethodBase):
         if ref is not None and ref.dirs:
             dirs = ref.dirs
         else:
-            dirs, ref_lp = gradproj.reference_directions(model, batch)  # one reference pass: u_b and ℓ_ref
+            dirs, ref_lp = through(model, gradproj.reference_directions, batch)  # one reference pass: u_b and ℓ_ref
             ref = RefOut(ref_lp, dirs=dirs)
         mc, rows = self.mc, batch.row_pair
         if self.project == "update":

@@ -37,6 +37,30 @@ class SeqLogps:
         return x[:b], x[b:]
 
 
+class Policy(torch.nn.Module):
+    """The module the training loop hands to `accelerate.prepare`: its forward runs a function
+    of the adapted model, so one whole loss (every decoder pass, captured activations, gradient
+    hooks) is one call of the DDP / FSDP wrapper. That call is what arms DDP's gradient
+    all-reduce and accelerate's autocast; a forward on `.module` or on a submodule skips both,
+    and the replicas silently drift apart."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.module = model  # `module`: base_model and accelerate's unwrap_model look through it
+
+    def forward(self, fn, *args, **kwargs):
+        return fn(self.module, *args, **kwargs)
+
+
+def through(model, fn, *args, **kwargs):
+    """fn(adapted model, *args, **kwargs), run inside the prepared wrapper's forward when
+    `model` is the loop's `Policy` (bare, or wrapped by DDP / FSDP), else called directly."""
+    inner = model
+    while not isinstance(inner, Policy) and hasattr(inner, "module"):
+        inner = inner.module
+    return model(fn, *args, **kwargs) if isinstance(inner, Policy) else fn(model, *args, **kwargs)
+
+
 def base_model(model):
     """The transformers CausalLM inside a PEFT / accelerate wrapper (LoRA layers stay injected)."""
     m = model
@@ -130,14 +154,20 @@ def attention_impl(model, impl: str):
     """Temporarily switch the attention kernel (transformers reads it at every forward)."""
     cfg = base_model(model).config
     old = cfg._attn_implementation
-    if impl == "blocks":
-        impl = blocked_attention.NAME if blocked_attention.REGISTERED else "sdpa"
-    if impl in ("eager", "sdpa", blocked_attention.NAME) and impl != old:
-        cfg._attn_implementation = impl
+    set_attention(model, impl)
     try:
         yield
     finally:
         cfg._attn_implementation = old
+
+
+def set_attention(model, impl: str) -> None:
+    """Set the attention kernel until changed: eager | sdpa | blocks (`keep`: leave it)."""
+    cfg = base_model(model).config
+    if impl == "blocks":
+        impl = blocked_attention.NAME if blocked_attention.REGISTERED else "sdpa"
+    if impl in ("eager", "sdpa", blocked_attention.NAME) and impl != cfg._attn_implementation:
+        cfg._attn_implementation = impl
 
 
 def run_decoder(model, batch: PairBatch, *, prefix_store: dict | None = None) -> torch.Tensor:

@@ -98,7 +98,47 @@ def _discard(out_dir: Path) -> None:
 
 def checked_conversion(out_dir: Path, *, source: str, convert: Callable[[], object]) -> Path:
     """`out_dir` (a conversion of ours), verified against its manifest; made by `convert()` when
-    absent, and remade when unverified or corrupt (reported on stderr, naming the file)."""
+    absent, and remade when unverified or corrupt (reported on stderr, naming the file).
+
+    Processes that start together (the ranks of `accelerate launch`, the workers of a grid)
+    take turns on a lock file beside it: one converts, the others then find it intact."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with _file_lock(out_dir.parent / f".{out_dir.name}.lock"):
+        return _checked_conversion(out_dir, source=source, convert=convert)
+
+
+@contextmanager
+def _file_lock(path: Path):
+    """An exclusive advisory lock (fcntl.flock) held for the block; released when the process
+    dies, so a killed conversion never leaves it taken."""
+    import fcntl
+
+    with path.open("a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def save_on_any_process(model, path: Path) -> None:
+    """model.save_pretrained(path) on whichever process calls it. transformers (5.x) writes
+    nothing, silently, on a process whose torch.distributed rank is not 0; our conversions are
+    per-machine caches that any process of a launch may be the one to make."""
+    check = getattr(model, "should_save_on_this_rank", None)
+    if check is None:
+        model.save_pretrained(path)
+        return
+    model.should_save_on_this_rank = lambda is_main_process: True  # this instance only
+    try:
+        model.save_pretrained(path)
+    finally:
+        del model.should_save_on_this_rank
+    if not (path / "config.json").exists():
+        raise ModelError(f"saving the model to {path} wrote no config.json; check the disk and try again.")
+
+
+def _checked_conversion(out_dir: Path, *, source: str, convert: Callable[[], object]) -> Path:
     if out_dir.exists():
         problem = verify_checksums(out_dir)
         if problem is None:
@@ -172,7 +212,7 @@ def convert_gguf(gguf: Path, out_dir: Path) -> Path:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
         try:
-            clean.save_pretrained(tmp)
+            save_on_any_process(clean, tmp)
             tok.save_pretrained(tmp)
             (tmp / "SOURCE").write_text(f"converted from {gguf}\n")
             write_checksums(tmp)
@@ -257,22 +297,44 @@ def load_tokenizer(name: str, *, trust_remote_code: bool = False):
     return tok
 
 
+def quantization(dtype: str):
+    """`model.load_in_4bit` (QLoRA, Dettmers et al. 2023): bitsandbytes NF4 weights with double
+    quantisation, matmuls in `dtype` (bfloat16 when float32 is asked: 4-bit kernels compute in
+    16 bits), placed on this process's GPU. CUDA only: a clear error elsewhere."""
+    if not torch.cuda.is_available():
+        raise ModelError("model.load_in_4bit (QLoRA) needs a CUDA GPU: bitsandbytes' 4-bit kernels do not run on this "
+                         "machine's devices. Drop --model.load_in_4bit (on CPU, --model.dtype bfloat16 halves the weights' memory).")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ModelError("model.load_in_4bit (QLoRA) needs bitsandbytes: `pip install bitsandbytes`, or drop --model.load_in_4bit.")
+    from transformers import BitsAndBytesConfig
+
+    compute = DTYPES[dtype] if dtype != "float32" else torch.bfloat16
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                           bnb_4bit_compute_dtype=compute)
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    return {"quantization_config": q, "device_map": {"": local}, "dtype": compute}
+
+
+def is_quantized(model) -> bool:
+    return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "quantization_method", None))
+
+
 def load_model_and_tokenizer(
-    name: str, *, dtype: str = "float32", trust_remote_code: bool = False
+    name: str, *, dtype: str = "float32", trust_remote_code: bool = False, load_in_4bit: bool = False
 ):
-    """Load (causal LM, tokenizer) for `name` (see module doc) in `dtype`, on the CPU.
+    """Load (causal LM, tokenizer) for `name` (see module doc) in `dtype`, on the CPU (with
+    `load_in_4bit`: 4-bit, on this process's GPU, see `quantization`).
 
     Device placement is the training loop's job (accelerate)."""
     from transformers import AutoModelForCausalLM
 
     if dtype not in DTYPES:
         raise ModelError(f"model.dtype must be one of {sorted(DTYPES)}, got {dtype!r}.")
+    kw = quantization(dtype) if load_in_4bit else {"dtype": DTYPES[dtype]}  # before the tokenizer: fail fast
     tok = load_tokenizer(name, trust_remote_code=trust_remote_code)
     path = resolve_model(name)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code
-        )
+        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code, **kw)
     except ValueError as e:
         if "trust_remote_code" in str(e):
             raise ModelError(
@@ -386,7 +448,8 @@ def load_model(mc, *, adapter: str | Path | None = None, device: str | None = No
     takes the model it is given); `check_base` warns when it is not the one the adapter was
     trained on. A representation adapter (`train.adapter` loreft / vector: intervention_config.json,
     no adapter_config.json) is hooked onto the base (`interventions.load`)."""
-    model, tok = load_model_and_tokenizer(mc.name, dtype=mc.dtype, trust_remote_code=mc.trust_remote_code)
+    model, tok = load_model_and_tokenizer(mc.name, dtype=mc.dtype, trust_remote_code=mc.trust_remote_code,
+                                          load_in_4bit=mc.load_in_4bit)
     if adapter is not None:
         from peft import PeftModel
 
@@ -398,5 +461,7 @@ def load_model(mc, *, adapter: str | Path | None = None, device: str | None = No
         else:
             model = PeftModel.from_pretrained(model, str(adapter))
     if device is not None:
-        model.to(device).eval()
+        if not is_quantized(model):  # a 4-bit model is on its GPU already and cannot be moved
+            model.to(device)
+        model.eval()
     return model, tok

@@ -71,9 +71,10 @@ def build_tiny_model(out_dir: str | Path | None = None, *, seed: int = 0, layers
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
         from reprpo.model.checksums import write_checksums
+        from reprpo.model.loading import save_on_any_process
 
         try:
-            model.save_pretrained(tmp)
+            save_on_any_process(model, tmp)
             tok.save_pretrained(tmp)
             write_checksums(tmp)
             tmp.rename(out)
