@@ -183,7 +183,16 @@ def cmd_tune(args) -> int:
 
 def cmd_compare(args) -> int:
     from reprpo.experiments import store
-    from reprpo.experiments.compare import load_params, run_grid, split_list
+    from reprpo.experiments.compare import (
+        build_grid,
+        load_params,
+        merge_grid,
+        parse_shard,
+        run_grid,
+        run_id_of,
+        split_list,
+        take_shard,
+    )
 
     base = build_config(args, base=RunConfig())  # YAML, then --section.field options
     shortcuts = {"data.n_train": args.n_train, "data.n_eval": args.n_eval, "train.max_steps": args.steps}
@@ -198,9 +207,18 @@ def cmd_compare(args) -> int:
 
     for item in args.params or []:  # tuned params must come from a shift that is not reported
         check_not_reported(item.split("=", 1)[-1].strip(), split_list(args.shifts))
-    ids = run_grid(methods=split_list(args.methods), shifts=split_list(args.shifts), seeds=seeds, base=base,
-                   store_path=store_path, out_root=out, overrides=load_params(args.params or []),
-                   fail_fast=args.fail_fast, target_tuned=args.target_tuned)
+    grid_args = dict(methods=split_list(args.methods), shifts=split_list(args.shifts), seeds=seeds, base=base,
+                     out_root=out, overrides=load_params(args.params or []), target_tuned=args.target_tuned)
+    shard = parse_shard(args.shard) if args.shard else None
+    missing = []
+    if args.merge:  # trains nothing: the grid's done runs of other stores (one per node) into --store
+        if args.workers != 1:
+            raise ReprpoError("--merge trains nothing, so --workers has no use there: drop it.")
+        grid = take_shard(build_grid(**grid_args), shard)
+        missing = merge_grid(grid, sources=split_list(args.merge), store_path=store_path)
+        ids = [run_id_of(cfg) for _, cfg in grid]
+    else:
+        ids = run_grid(**grid_args, store_path=store_path, fail_fast=args.fail_fast, workers=args.workers, shard=shard)
     try:
         from reprpo.experiments.report import render_report
     except ImportError:
@@ -227,7 +245,10 @@ def cmd_compare(args) -> int:
         what = "failed otherwise" if recurring else "failed"
         print(f"{len(failed) - len(recurring)} run(s) {what}; errors in the store (runs.error). "
               "Rerun the same command to retry them.", file=sys.stderr)
-    return 1 if failed else 0
+    if missing:
+        print(f"{len(missing)} run(s) of the grid are done in none of the merged stores: {', '.join(missing)}. "
+              "Run their shard (the same command with --shard K/N, without --merge) and merge again.", file=sys.stderr)
+    return 1 if failed or missing else 0
 
 
 def cmd_sae_train(args) -> int:
@@ -319,7 +340,7 @@ def parser() -> argparse.ArgumentParser:
     sl.add_argument("source", nargs="?", default="builtin", help="`builtin` or PATH/shifts.json")
     sl.set_defaults(func=cmd_shifts)
     c = sub.add_parser("compare", help="train and score a grid of methods x shifts x seeds into a results store",
-                       description="Train and score every (method, shift, seed) into a SQLite results store. Resumable: runs already done are skipped; runs left running by a killed process, or failed, are redone. Several processes may share one store. Config: defaults < method preset < --config YAML < --section.field options and shortcuts < --params METHOD=FILE.yaml < the grid's shift, seed, method.",
+                       description="Train and score every (method, shift, seed) into a SQLite results store. Resumable: runs already done are skipped; runs left running by a killed process, or failed, are redone. Several processes on one host may share one store (--workers N starts N); for a cluster, --shard and --merge (docs/scaling-grids.md). Config: defaults < method preset < --config YAML < --section.field options and shortcuts < --params METHOD=FILE.yaml < the grid's shift, seed, method.",
                        epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
     c.add_argument("--methods", required=True, help="comma-separated method presets, e.g. dpo,hs-pca-prefvec")
     c.add_argument("--shifts", default="builtin:difficulty", help="comma-separated shifts: builtin:NAME (or just NAME) or PATH/shifts.json:NAME (default: %(default)s)")
@@ -336,6 +357,16 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--target-tuned", nargs="?", const="dpo", metavar="METHOD",
                    help="also train METHOD (default dpo; or sft) per shift and seed on the oos distribution's own train split, "
                         "scored on the oos split: the report's differential elicitation DE = (acc_oos - acc_oos(base)) / acc_oos(target-tuned)")
+    c.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="train up to N runs at once, each in a worker process of its own claiming runs from the store: one GPU "
+                        "per worker (worker i on visible GPU i mod the GPU count), or on CPU the threads split between them "
+                        "(default: %(default)s, one run after another; see docs/scaling-grids.md)")
+    c.add_argument("--shard", metavar="K/N",
+                   help="run only every N-th run of the grid, from the K-th (1 <= K <= N): one shard per node of a cluster, "
+                        "each with a store on its own local disk, then --merge them (docs/scaling-grids.md)")
+    c.add_argument("--merge", metavar="STORE[,STORE...]",
+                   help="train nothing: copy this grid's done runs from these results stores (e.g. one per --shard node) "
+                        "into --store, then write the report; exit 1 if a run of the grid is done in none of them")
     add_config_arguments(c, choices=registry_choices())
     c.set_defaults(func=cmd_compare)
     r = sub.add_parser("report", help="tables and plots from a results store",

@@ -5,7 +5,9 @@ model, sizes, ...) < per-method overrides (`--params METHOD=FILE.yaml`, e.g. fro
 `reprpo tune`) < data.shift, train.seed, train.method, out. Its run_id is a hash of that
 config minus output-only keys, so the same settings always give the same id and a rerun
 skips what is done; a run left 'running' by a killed process or 'failed' is redone.
-Several processes may run grids into one store at once (see `reprpo.experiments.store`).
+Several processes may run grids into one store at once (see `reprpo.experiments.store`), all on
+one host: `--workers N` starts N of them (`run_workers`). A cluster runs one `--shard K/N` per
+node into a local store, then `--merge`s the stores (`merge_grid`; docs/scaling-grids.md).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from reprpo.config import RunConfig, load_yaml, to_dict, to_flat
+from reprpo.config import SECTIONS, RunConfig, load_yaml, to_dict, to_flat
 from reprpo.data.shifts import check_sources, shift_spec
 from reprpo.errors import ConfigError, ReprpoError, TrainingError
 from reprpo.experiments import store
@@ -207,21 +209,12 @@ def _headline(table) -> str:
     return ", ".join(parts)
 
 
-def run_grid(*, methods: list[str], shifts: list[str], seeds: list[int], base: RunConfig,
-             store_path: str | Path, out_root: str | Path, overrides: dict[str, dict[str, Any]] | None = None,
-             progress: bool = True, fail_fast: bool = False, target_tuned: str | None = None) -> list[str]:
-    """Run every (method, shift, seed) not yet done; returns the grid's run_ids in run order.
-
-    overrides: {method: {config key: value}} applied over `base` for that method only.
-    Order: seeds outermost, so an interrupted grid has every method for its first seeds.
-    A failing run is marked 'failed' (error text stored, prefixed by its kind: see
-    `store.error_text`) and the grid goes on, unless `fail_fast`. Config errors (unknown method /
-    shift / key) and missing data sources (`check_sources`) are raised before any run starts.
-
-    target_tuned: a method (e.g. "dpo") also trained, per (shift, seed), on the oos
-    distribution's own train split (`target_config`); stored as method "target:METHOD", it gives
-    the report's differential elicitation.
-    """
+def build_grid(*, methods: list[str], shifts: list[str], seeds: list[int], base: RunConfig, out_root: str | Path,
+               overrides: dict[str, dict[str, Any]] | None = None, progress: bool = True,
+               target_tuned: str | None = None) -> list[tuple[str, RunConfig]]:
+    """The grid's (store method label, run config) pairs in run order (seeds outermost), every
+    input checked: unknown method / shift / key, --params of a method not in the grid, missing
+    data sources (`check_sources`) raise here, before any run starts."""
     for name, values in (("--methods", methods), ("--shifts", shifts), ("--seeds", seeds)):
         if not values:
             raise ConfigError(f"{name}: give at least one value (comma-separated).")
@@ -253,54 +246,415 @@ def run_grid(*, methods: list[str], shifts: list[str], seeds: list[int], base: R
                     check_sources(d.shift, d.train, d.eval, eval_fraction=d.eval_fraction)
                     checked.add(sources)
                 grid.append((label, cfg))
+    return grid
 
-    check_out_root(Path(out_root))
-    say = write if progress else (lambda *a, **k: None)  # write: a line that leaves the grid's bar intact
-    con = store.connect(store_path)
-    owner = store.owner_id()
-    counts = {"done": 0, "skipped": 0, "busy": 0, "failed": 0, "recurring": 0}
-    ids = []
-    pbar = bar(grid, desc="compare", unit="run", enabled=progress)  # counts a run when it is done, skipped or failed
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """`K/N` (1 <= K <= N) -> (K, N): this node's share of the grid is every N-th run from the K-th."""
     try:
-        for i, (label, cfg) in enumerate(pbar, 1):
-            rid = run_id_of(cfg)
-            ids.append(rid)
-            tag = f"[{i}/{len(grid)}] {label} {cfg.data.shift} seed {cfg.train.seed} ({rid})"
-            state = store.claim_run(con, run_id=rid, method=label, shift=cfg.data.shift, seed=cfg.train.seed,
-                                    config_json=json.dumps(to_dict(cfg), sort_keys=True), out_dir=cfg.out, owner=owner)
-            if state == "done":
-                say(f"{tag}: skip (done)")
-                counts["skipped"] += 1
-                continue
-            if state == "busy":
-                say(f"{tag}: skip (running in another process)")
-                counts["busy"] += 1
-                continue
-            say(f"{tag}: running -> {cfg.out}")
+        k, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        k = n = 0
+    if not 1 <= k <= n:
+        raise ConfigError(f"--shard {text!r}: expected K/N with 1 <= K <= N, e.g. --shard 2/4 on the second of 4 nodes.")
+    return k, n
+
+
+def take_shard(grid: list, shard: tuple[int, int] | None) -> list:
+    """The runs at grid positions K-1, K-1+N, K-1+2N, ... (0-based): N shards partition the grid,
+    and each is a mix of methods and seeds (the grid is seed-major)."""
+    if shard is None:
+        return grid
+    k, n = shard
+    return grid[k - 1::n]
+
+
+def claim_and_run(grid: list[tuple[str, RunConfig]], *, con, owner: str, fail_fast: bool, emit,
+                  failed_since: float | None = None) -> None:
+    """Claim each run of `grid` in order (`store.claim_run`) and train + score the claimed ones
+    (`execute_run`); `emit(event)` hears every step: a dict with i (1-based grid position), rid,
+    line (the text for the user), event = skipped (done before) | busy (another live owner) |
+    failed-elsewhere (a sibling worker failed it in this grid: not retried) | start | done |
+    taken (finished, but another process took the run over) | failed (with recurring, and fatal:
+    the grid stops, the exception is re-raised after the event)."""
+    for i, (label, cfg) in enumerate(grid, 1):
+        rid = run_id_of(cfg)
+        tag = f"[{i}/{len(grid)}] {label} {cfg.data.shift} seed {cfg.train.seed} ({rid})"
+        ev = {"i": i, "rid": rid}
+        state = store.claim_run(con, run_id=rid, method=label, shift=cfg.data.shift, seed=cfg.train.seed,
+                                config_json=json.dumps(to_dict(cfg), sort_keys=True), out_dir=cfg.out, owner=owner,
+                                failed_since=failed_since)
+        if state != "claimed":
+            event, why = {"done": ("skipped", "done"), "busy": ("busy", "running in another process"),
+                          "failed": ("failed-elsewhere", "failed in another worker")}[state]
+            emit(ev | {"event": event, "line": f"{tag}: skip ({why})"})
+            continue
+        emit(ev | {"event": "start", "line": f"{tag}: running -> {cfg.out}"})
+        try:
+            ok, table = execute_run(cfg, con, run_id=rid, owner=owner)
+        except BaseException as e:
+            recurs = isinstance(e, ReprpoError)  # bad config / data, diverged, missing model
+            kind = store.RECURRING if recurs else store.TRANSIENT
+            error = store.error_text(kind, e, trace=traceback.format_exc())
             try:
-                ok, table = execute_run(cfg, con, run_id=rid, owner=owner)
-            except BaseException as e:
-                recurs = isinstance(e, ReprpoError)  # bad config / data, diverged, missing model
-                kind = store.RECURRING if recurs else store.TRANSIENT
-                store.fail_run(con, run_id=rid, owner=owner, error=store.error_text(kind, e, trace=traceback.format_exc()))
-                if fail_fast or not isinstance(e, Exception):  # Ctrl-C stops the grid
-                    raise
-                why = "will recur with these settings: fix the cause first" if recurs else "rerun to retry"
-                write(f"{tag}: FAILED ({why}): {type(e).__name__}: {e}", file=sys.stderr)  # even without progress
-                counts["failed"] += 1
-                counts["recurring"] += recurs
-                continue
-            if ok:
-                say(f"{tag}: done ({_headline(table)})")
-                counts["done"] += 1
+                store.fail_run(con, run_id=rid, owner=owner, error=error)
+            except KeyboardInterrupt:  # a stop (--fail-fast in a sibling, Ctrl-C) landed while marking it: mark it, then stop
+                store.fail_run(con, run_id=rid, owner=owner, error=error)
+                raise
+            fatal = fail_fast or not isinstance(e, Exception)  # Ctrl-C stops the grid
+            why = "will recur with these settings: fix the cause first" if recurs else "rerun to retry"
+            emit(ev | {"event": "failed", "recurring": recurs, "fatal": fatal,
+                       "line": f"{tag}: FAILED ({why}): {type(e).__name__}: {e}"})
+            if fatal:
+                raise
+            continue
+        if ok:
+            emit(ev | {"event": "done", "line": f"{tag}: done ({_headline(table)})"})
+        else:
+            emit(ev | {"event": "taken", "line": f"{tag}: finished, but another process took the run over; its results were kept"})
+
+
+class Tally:
+    """The grid's summary counts: every run counted once, by its outcome."""
+
+    KEYS = ("done", "skipped", "busy", "failed", "recurring", "lost")
+
+    def __init__(self) -> None:
+        self.counts = dict.fromkeys(self.KEYS, 0)
+
+    def add(self, event: str, *, recurring: bool = False) -> None:
+        key = {"taken": "busy", "failed-elsewhere": "failed"}.get(event, event)
+        self.counts[key] += 1
+        self.counts["recurring"] += key == "failed" and recurring
+
+    def line(self, n: int, store_path) -> str:
+        c = self.counts
+        lost = f", {c['lost']} lost with a crashed worker" if c["lost"] else ""
+        return (f"{n} runs: {c['done']} run now, {c['skipped']} already done, {c['busy']} running elsewhere, "
+                f"{c['failed']} failed ({c['recurring']} will recur with these settings){lost} -> {store_path}")
+
+
+def run_grid(*, methods: list[str], shifts: list[str], seeds: list[int], base: RunConfig,
+             store_path: str | Path, out_root: str | Path, overrides: dict[str, dict[str, Any]] | None = None,
+             progress: bool = True, fail_fast: bool = False, target_tuned: str | None = None,
+             workers: int = 1, shard: tuple[int, int] | None = None) -> list[str]:
+    """Run every (method, shift, seed) not yet done; returns the grid's run_ids in run order.
+
+    overrides: {method: {config key: value}} applied over `base` for that method only.
+    Order: seeds outermost, so an interrupted grid has every method for its first seeds.
+    A failing run is marked 'failed' (error text stored, prefixed by its kind: see
+    `store.error_text`) and the grid goes on, unless `fail_fast`. Config errors (unknown method /
+    shift / key) and missing data sources (`check_sources`) are raised before any run starts.
+
+    target_tuned: a method (e.g. "dpo") also trained, per (shift, seed), on the oos
+    distribution's own train split (`target_config`); stored as method "target:METHOD", it gives
+    the report's differential elicitation.
+
+    workers: runs at once, each worker a process of its own (`run_workers`); 1 = one after
+    another in this process. shard: (K, N) keeps only this node's share (`take_shard`).
+    """
+    if workers < 1:
+        raise ConfigError(f"--workers {workers}: give how many runs to train at once, 1 or more "
+                          "(1 = one after another in this process).")
+    grid = take_shard(build_grid(methods=methods, shifts=shifts, seeds=seeds, base=base, out_root=out_root,
+                                 overrides=overrides, progress=progress, target_tuned=target_tuned), shard)
+    check_out_root(Path(out_root))
+    tally = Tally()
+    if min(workers, len(grid)) > 1:  # more workers than runs: one per run
+        run_workers(grid, workers=min(workers, len(grid)), store_path=store_path, out_root=Path(out_root),
+                    fail_fast=fail_fast, progress=progress, tally=tally)
+    else:
+        say = write if progress else (lambda *a, **k: None)  # write: a line that leaves the grid's bar intact
+        con = store.connect(store_path)
+        pbar = bar(total=len(grid), desc="compare", unit="run", enabled=progress)  # counts a run when it is done, skipped or failed
+
+        def emit(ev: dict) -> None:
+            if ev["event"] == "failed":
+                if ev["fatal"]:
+                    return  # the exception goes on up and says it
+                write(ev["line"], file=sys.stderr)  # even without progress
             else:
-                say(f"{tag}: finished, but another process took the run over; its results were kept")
-                counts["busy"] += 1
+                say(ev["line"])
+            if ev["event"] != "start":
+                tally.add(ev["event"], recurring=ev.get("recurring", False))
+                pbar.update(1)
+
+        try:
+            claim_and_run(grid, con=con, owner=store.owner_id(), fail_fast=fail_fast, emit=emit)
+        finally:
+            pbar.close()
+            con.close()
+    if progress or tally.counts["failed"]:
+        print(tally.line(len(grid), store_path))
+    return [run_id_of(cfg) for _, cfg in grid]
+
+
+# -- parallel workers ------------------------------------------------------------------------
+# Workers are processes, not threads: torch's global RNG (set_seed in train), its thread pool and
+# autograd state are per process, so each run in a worker is the run it would be alone.
+WORKER_COMMAND = [sys.executable, "-c", "import sys; from reprpo.experiments.compare import worker_main; "
+                                        "sys.exit(worker_main(sys.argv[1:]))"]
+STOP_SECONDS = 60.0  # after a stop (--fail-fast, Ctrl-C), how long a worker may take to mark its run failed
+
+
+def visible_gpus(grid: list[tuple[str, RunConfig]]) -> list[str]:
+    """The CUDA devices the grid's runs would use (their CUDA_VISIBLE_DEVICES names); [] when no
+    run trains on CUDA (`device_type`: cpu, mps, or auto without a GPU)."""
+    from reprpo.model.loading import device_type
+
+    if not any(device_type(cfg.train.device) == "cuda" for _, cfg in grid):
+        return []
+    import torch
+
+    k = torch.cuda.device_count()
+    given = os.environ.get("CUDA_VISIBLE_DEVICES")
+    names = [s.strip() for s in given.split(",") if s.strip()] if given else [str(j) for j in range(k)]
+    return names[:k]
+
+
+def cpu_count() -> int:
+    """CPUs this process may use (its affinity mask, e.g. a scheduler's allocation), else os.cpu_count()."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def worker_env(index: int, *, workers: int, gpus: list[str], threads: int) -> dict[str, str]:
+    """The environment of worker `index` (0-based): its own GPU, GPU index mod len(gpus), when
+    there are GPUs; its share of the CPU threads."""
+    env = dict(os.environ)
+    if gpus:
+        env["CUDA_VISIBLE_DEVICES"] = gpus[index % len(gpus)]
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        env[name] = str(threads)
+    return env
+
+
+def worker_main(argv: list[str]) -> int:
+    """One worker of `run_workers`, in a process of its own: `JOB.json INDEX`. Claims and runs the
+    job's grid in order (`claim_and_run`), telling the parent each event as one JSON line on
+    stdout; everything else it prints goes to its log (its stderr)."""
+    job_path, index = argv
+    proto = os.fdopen(os.dup(1), "w", buffering=1)  # the parent's pipe: protocol lines only
+    os.dup2(2, 1)  # any other print (a library's) goes to the worker's log, not into the protocol
+    job = json.loads(Path(job_path).read_text())
+    import torch
+
+    from reprpo import progress as prog
+    from reprpo.config import from_dict
+
+    torch.set_num_threads(job["threads"])
+    prog.set_quiet(True)  # the parent shows the one bar over the grid
+    prog.quiet_third_party_warnings()
+    grid = []
+    for r in job["runs"]:
+        cfg = from_dict(r["config"], where=f"{job_path}: run {r['rid']}")
+        if run_id_of(cfg) != r["rid"]:
+            sent = {f"{k}.{k2}" if k in SECTIONS else k: v2
+                    for k, v in r["config"].items() for k2, v2 in (v.items() if k in SECTIONS else [(k, v)])}
+            changed = sorted(k for k, v in to_flat(cfg).items() if sent.get(k, v) != v)
+            raise ConfigError(f"{job_path}: run {r['rid']} comes back as {run_id_of(cfg)} in worker {index} "
+                              f"(changed: {', '.join(changed) or '?'}); please report this.")
+        grid.append((r["label"], cfg))
+
+    def emit(ev: dict) -> None:
+        proto.write(json.dumps(ev | {"worker": int(index), "pid": os.getpid()}) + "\n")
+
+    con = store.connect(job["store"])
+    try:
+        claim_and_run(grid, con=con, owner=store.owner_id(), fail_fast=job["fail_fast"], emit=emit,
+                      failed_since=job["started"])
+    except KeyboardInterrupt:
+        print(f"worker {index}: stopped", file=sys.stderr)
+        return 130
     finally:
-        pbar.close()
         con.close()
-    if progress or counts["failed"]:
-        print(f"{len(grid)} runs: {counts['done']} run now, {counts['skipped']} already done, "
-              f"{counts['busy']} running elsewhere, {counts['failed']} failed ({counts['recurring']} will recur "
-              f"with these settings) -> {store_path}")
-    return ids
+    return 0
+
+
+def _read_events(index: int, stream, q) -> None:
+    for line in stream:
+        try:
+            q.put((index, json.loads(line)))
+        except ValueError:  # not ours (the worker sends only JSON lines here)
+            continue
+    q.put((index, None))
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return "(no log)"
+    return "\n".join("    " + s for s in text.rstrip().splitlines()[-lines:]) or "    (empty)"
+
+
+def run_workers(grid: list[tuple[str, RunConfig]], *, workers: int, store_path: str | Path, out_root: Path,
+                fail_fast: bool, progress: bool, tally: Tally) -> None:
+    """Train `grid` with `workers` processes sharing one store: each claims runs in grid order
+    (`store.claim_run`, atomic) and skips those done or held by a live owner, so no run is
+    trained twice. One bar over the grid here, counted from the workers' events; a run counts
+    once: when a worker finishes or fails it, or when every worker has passed it (skipped).
+
+    A worker that dies leaves its run 'running' under a dead owner (a rerun redoes it); the
+    others go on, and then a TrainingError names its exit code and its log's last lines.
+    --fail-fast and Ctrl-C stop every worker (SIGINT: each marks its run failed)."""
+    import queue
+    import signal
+    import subprocess
+    import threading
+
+    say = write if progress else (lambda *a, **k: None)
+    store.connect(store_path).close()  # create / check the store once, before the workers race for it
+    gpus = visible_gpus(grid)
+    if gpus and workers > len(gpus):
+        write(f"--workers {workers}: {len(gpus)} GPU(s) visible, so workers share them (worker i on GPU i mod {len(gpus)})",
+              file=sys.stderr)
+    threads = max(1, cpu_count() // workers)
+    logs_dir = out_root / "workers"
+    logs_dir.mkdir(exist_ok=True)
+    job_path = logs_dir / f"job-{os.getpid()}.json"
+    started = time.time()  # a run failed since then failed in a sibling: not retried in this grid
+    job_path.write_text(json.dumps({"store": str(Path(store_path).resolve()), "fail_fast": fail_fast, "threads": threads,
+                                    "started": started, "runs": [{"label": label, "rid": run_id_of(cfg), "config": to_dict(cfg)}
+                                                                 for label, cfg in grid]}))
+    q: queue.Queue = queue.Queue()
+    procs, logs = [], []
+    try:
+        for w in range(workers):
+            logs.append(logs_dir / f"{os.getpid()}-worker-{w}.log")
+            with open(logs[w], "w") as log:
+                # a session of its own: a terminal's Ctrl-C reaches only this process, which stops each worker once
+                procs.append(subprocess.Popen([*WORKER_COMMAND, str(job_path), str(w)], stdout=subprocess.PIPE, stderr=log,
+                                              env=worker_env(w, workers=workers, gpus=gpus, threads=threads),
+                                              text=True, start_new_session=True))
+            threading.Thread(target=_read_events, args=(w, procs[w].stdout, q), daemon=True).start()
+        on_gpu = f"; GPUs {','.join(gpus[w % len(gpus)] for w in range(workers))}" if gpus else ""
+        say(f"compare: {len(grid)} runs, {workers} worker processes ({threads} CPU thread(s) each{on_gpu}), "
+            f"logs {logs_dir}/{os.getpid()}-worker-*.log")
+        pbar = bar(total=len(grid), desc="compare", unit="run", enabled=progress)
+        heard: dict[int, set[int]] = {i: set() for i in range(1, len(grid) + 1)}  # workers that passed run i
+        started_by: dict[int, int] = {}
+        passed: dict[int, dict] = {}  # i -> a skip event (counted if no worker runs it)
+        settled: set[int] = set()
+        fatal, stop_at, interrupted = None, None, False
+        open_streams = set(range(workers))
+
+        def settle(i: int, event: str, *, line: str = "", recurring: bool = False) -> None:
+            settled.add(i)
+            tally.add(event, recurring=recurring)
+            pbar.update(1)
+            if event == "failed":
+                write(line, file=sys.stderr)
+            elif line:
+                say(line)
+
+        def check_passed(i: int) -> None:
+            if i in settled or len(heard[i]) < workers:
+                return
+            if i in started_by:  # started, never finished: its worker died
+                settle(i, "lost", line=f"[{i}/{len(grid)}] {grid[i - 1][0]}: lost (worker {started_by[i]} died running it)")
+            elif i in passed:
+                settle(i, passed[i]["event"], line=passed[i]["line"])
+
+        def stop() -> None:
+            nonlocal stop_at
+            if stop_at is None:
+                stop_at = time.monotonic() + STOP_SECONDS
+                for p in procs:
+                    if p.poll() is None:
+                        p.send_signal(signal.SIGINT)
+
+        with pbar:
+            while open_streams:
+                try:
+                    try:
+                        w, ev = q.get(timeout=0.2)
+                    except queue.Empty:
+                        if stop_at is not None and time.monotonic() > stop_at:
+                            for p in procs:
+                                if p.poll() is None:
+                                    p.kill()  # its run stays 'running' with a dead owner: redone on rerun
+                        continue
+                    if ev is None:  # the worker closed its pipe: it has exited (or is exiting)
+                        open_streams.discard(w)
+                        procs[w].wait()
+                        for i in heard:
+                            heard[i].add(w)
+                            check_passed(i)
+                        continue
+                    i, event = ev["i"], ev["event"]
+                    if event == "start":
+                        started_by[i] = w
+                        say(f"{ev['line']} (worker {w})")
+                        continue
+                    heard[i].add(w)
+                    if event in ("done", "taken", "failed") and i not in settled:
+                        started_by.pop(i, None)
+                        settle(i, event, line=ev["line"], recurring=ev.get("recurring", False))
+                        if event == "failed" and ev.get("fatal") and fatal is None and not interrupted:
+                            fatal = (w, ev)
+                            stop()
+                    elif event in ("skipped", "busy", "failed-elsewhere"):
+                        # what this worker saw; a sibling may be running it: counted once all have passed it
+                        if i not in passed or event == "skipped":
+                            passed[i] = ev
+                        check_passed(i)
+                except KeyboardInterrupt:
+                    if interrupted:  # a second Ctrl-C: do not wait
+                        for p in procs:
+                            if p.poll() is None:
+                                p.kill()
+                        raise
+                    interrupted = True
+                    write(f"compare: stopping {workers} workers (Ctrl-C again to kill them)", file=sys.stderr)
+                    stop()
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+            if p.stdout:
+                p.stdout.close()
+        job_path.unlink(missing_ok=True)
+    if interrupted:
+        raise KeyboardInterrupt
+    if fatal is not None:
+        w, ev = fatal
+        raise TrainingError(f"--fail-fast: {ev['line']} (worker {w}); every worker was stopped. "
+                            f"The error is in {store_path} (runs.error) and {logs[w]}.")
+    crashed = [(w, p.returncode) for w, p in enumerate(procs) if p.returncode != 0]
+    if crashed:
+        print(tally.line(len(grid), store_path))
+        parts = []
+        for w, rc in crashed:
+            how = f"killed by signal {-rc}" if rc < 0 else f"exited with code {rc}"
+            parts.append(f"worker {w} (pid {procs[w].pid}) {how}. Last lines of {logs[w]}:\n{_tail(logs[w])}")
+        raise TrainingError("\n".join(parts) + "\nA run a dead worker was training is left 'running' under its dead owner; "
+                            "rerun the same command to redo it.")
+
+
+def merge_grid(grid: list[tuple[str, RunConfig]], *, sources: list[str], store_path: str | Path) -> list[str]:
+    """Copy the grid's done runs (with their rows) from other stores (e.g. one per node, each
+    filled by `--shard K/N`) into `store_path`; returns the grid's run_ids still not done there."""
+    dest = Path(store_path).resolve()
+    ids = [run_id_of(cfg) for _, cfg in grid]
+    for s in sources:
+        if not Path(s).is_file():
+            raise ConfigError(f"--merge {s}: no such file. Give the results stores to merge (comma-separated).")
+        if Path(s).resolve() == dest:
+            raise ConfigError(f"--merge {s}: that is --store itself. Merge other stores into it.")
+    con = store.connect(store_path)
+    try:
+        for s in sources:
+            src = store.connect(s)
+            try:
+                copied, kept = store.copy_runs(src, con, ids)
+            finally:
+                src.close()
+            print(f"{s}: {len(copied)} run(s) copied, {len(kept)} already done in {store_path}")
+        statuses = store.run_statuses(con, ids)
+    finally:
+        con.close()
+    return [r for r in ids if statuses.get(r) != "done"]

@@ -21,6 +21,9 @@ a `StoreError` instead of adding our tables to it.
 
 WAL mode and a busy timeout let several processes write at once without losing rows; every
 write is one `BEGIN IMMEDIATE` transaction (`transaction`), so a run's rows land all or none.
+WAL needs every process on one host and the file on a local disk (sqlite.org/wal.html: "WAL
+does not work over a network filesystem"): a store is never shared between nodes; one store
+per node (`compare --shard`) and `copy_runs` (`compare --merge`) instead (docs/scaling-grids.md).
 
 Claiming (`claim_run`): a process marks a run 'running' with `owner` = host:pid:start-time
 before training it. A 'done' run is skipped; a 'running' run whose owner is alive is someone
@@ -286,17 +289,21 @@ def delete_run_rows(con: sqlite3.Connection, run_id: str) -> None:
 
 
 def claim_run(con: sqlite3.Connection, *, run_id: str, method: str, shift: str, seed: int,
-              config_json: str, out_dir: str, owner: str) -> str:
+              config_json: str, out_dir: str, owner: str, failed_since: float | None = None) -> str:
     """Atomically take a run: 'claimed' (now ours, partial rows of an earlier attempt deleted),
-    'done' (finished before; skip) or 'busy' (running in another live process; skip)."""
+    'done' (finished before; skip) or 'busy' (running in another live process; skip).
+    With `failed_since` (unix time), a run that failed at or after it is 'failed' (skip): a
+    sibling worker of the same grid failed it, and one grid tries a run once."""
     with transaction(con):
-        row = con.execute("SELECT status, owner FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+        row = con.execute("SELECT status, owner, finished FROM runs WHERE run_id = ?", (run_id,)).fetchone()
         if row is not None:
-            status, prev = row
+            status, prev, finished = row
             if status == "done":
                 return "done"
             if status == "running" and prev != owner and owner_alive(prev):
                 return "busy"
+            if status == "failed" and failed_since is not None and (finished or 0) >= failed_since:
+                return "failed"
         delete_run_rows(con, run_id)
         con.execute(
             "INSERT OR REPLACE INTO runs (run_id, method, shift, seed, status, config_json, out_dir, "
@@ -357,6 +364,34 @@ def error_headline(error: str | None) -> str:
         if text.startswith(prefix):
             return text.removeprefix(prefix).splitlines()[0]
     return text.splitlines()[-1] if text else ""
+
+
+def copy_runs(src: sqlite3.Connection, dst: sqlite3.Connection, run_ids: Iterable[str]) -> tuple[list[str], list[str]]:
+    """Copy the 'done' runs among `run_ids` from store `src` into store `dst`, each run with its
+    result rows in one transaction (the columns both stores have); a run already done in `dst`
+    is left as it is, a failed or half-written one there is replaced.
+    Returns (copied, already done in dst)."""
+    ids = list(run_ids)
+    status = run_statuses(src, ids)
+    done = [r for r in ids if status.get(r) == "done"]
+    have = {t: {r[1] for r in dst.execute(f"PRAGMA table_info({t})")} for t in ("runs", *RESULT_TABLES)}
+    copied, kept = [], []
+    for rid in done:
+        with transaction(dst):
+            row = dst.execute("SELECT status FROM runs WHERE run_id = ?", (rid,)).fetchone()
+            if row is not None and row[0] == "done":
+                kept.append(rid)
+                continue
+            delete_run_rows(dst, rid)
+            for table in ("runs", *RESULT_TABLES):
+                cur = src.execute(f"SELECT * FROM {table} WHERE run_id = ?", (rid,))
+                names = [d[0] for d in cur.description]
+                keep = [j for j, c in enumerate(names) if c in have[table]]
+                cols, marks = ", ".join(names[j] for j in keep), ", ".join("?" * len(keep))
+                dst.executemany(f"INSERT OR REPLACE INTO {table} ({cols}) VALUES ({marks})",
+                                [tuple(r[j] for j in keep) for r in cur.fetchall()])
+        copied.append(rid)
+    return copied, kept
 
 
 # -- reads -----------------------------------------------------------------------------------
