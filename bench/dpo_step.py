@@ -5,6 +5,7 @@
     python bench/dpo_step.py w3 [--presets a,b] # s/step of representation presets / our DPO
                                                 # (an entry may add options: "dpo --speed.share_prefix false")
     python bench/dpo_step.py w1-match           # all levers off, file order: per-step losses vs TRL
+    python bench/dpo_step.py w1-scale [--repeats 2]  # ours in fp32 / bf16 / autocast / checkpointing / compile
 
 Each program runs in its own subprocess (alternating, so drift hits all alike) and reports
 its own peak RSS. Figures: medians of steps 2..8 and same-run ratios.
@@ -38,6 +39,11 @@ W3_PRESETS = ["hs-none-prefvec", "hs-pca-prefvec", "hs-hra-prefvec", "hs-ether-p
 # fpo / hs-sae-*: a random TopK SAE of width 16·d, k 32 at the middle block (the speed does not
 # depend on the weights); pass --method.sae PATH after the preset to time another
 W3_SAE = {"d": 576, "width": 16 * 576, "k": 32, "layer": 15}
+# W1 with the scaling options (README "Scaling up"); "reprpo" = fp32, every speed lever on
+W1_SCALE = {"bf16": ["--model.dtype", "bfloat16", "--train.mixed_precision", "bf16"],
+            "autocast-bf16": ["--train.mixed_precision", "bf16"],
+            "grad-checkpointing": ["--train.gradient_checkpointing", "true"],
+            "compile": ["--speed.compile", "true"]}
 
 
 def peak_rss_mb() -> float:
@@ -170,7 +176,7 @@ def machine() -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("workload", choices=["w1", "w2", "w3", "w1-match", "_ours", "_w2"])
+    ap.add_argument("workload", choices=["w1", "w2", "w3", "w1-match", "w1-scale", "_ours", "_w2"])
     ap.add_argument("--program", default="reprpo", help=argparse.SUPPRESS)
     ap.add_argument("--batch", type=int, default=1, help="w2: pairs per scoring batch (ours; 1 is fastest on CPU: no padding)")
     ap.add_argument("--workers", type=int, default=0, help="w2: our scoring threads (0 = auto, as eval.workers)")
@@ -223,6 +229,8 @@ def main() -> None:
         if have_trl:
             programs["trl"] = [str(ROOT / "bench" / "trl_w1.py")]
             programs["trl-precompute-ref"] = [str(ROOT / "bench" / "trl_w1.py"), "--precompute-ref"]
+    elif args.workload == "w1-scale":
+        programs = {"reprpo": [me, "_ours"]} | {k: [me, "_ours", *v] for k, v in W1_SCALE.items()}
     else:
         # an entry may carry options after the preset: "dpo --speed.share_prefix false"
         presets = [p.strip() for p in args.presets.split(",") if p.strip()]
@@ -247,7 +255,7 @@ def main() -> None:
     def med(name: str) -> float:
         return statistics.median([median_steps(r["sec_per_step"]) for r in results[name]])
 
-    base = "reprpo" if args.workload == "w1" else "dpo"
+    base = "dpo" if args.workload == "w3" else "reprpo"
     print("\n| program | s/step (median, steps 2-8) | ratio | step-1 loss | peak RSS MB |")
     print("|---|---|---|---|---|")
     for name in programs:

@@ -223,3 +223,27 @@ def test_qlora_on_cpu_is_a_clear_error(tmp_path, capsys):
     rc = main(["train", "dpo", "--model.name", "tiny-random", "--model.load_in_4bit", "true", "--out", str(tmp_path / "q")])
     err = capsys.readouterr().err
     assert rc == 2 and "load_in_4bit" in err and "CUDA" in err and "Traceback" not in err
+
+
+def test_fsdp_refuses_what_reads_sharded_weights_outside_a_forward():
+    """Under FSDP process 0 holds shards: projgrad's update projection, a representation
+    adapter's save, in-training eval and checkpoints read whole weights outside the wrapped
+    forward, so each is refused with the reason and the way out (DDP); plain LoRA + dpo passes.
+    FSDP itself cannot run here (accelerate runs it on GPUs only)."""
+    from types import SimpleNamespace
+
+    from reprpo.config import RunConfig, apply_overrides
+    from reprpo.errors import ConfigError
+    from reprpo.methods.base import RefNeeds
+    from reprpo.train import check_fsdp
+
+    plain = SimpleNamespace(reference=RefNeeds())
+    check_fsdp(RunConfig(), plain)
+    cases = [({"train.method": "projgrad"}, SimpleNamespace(reference=RefNeeds(directions=True)), "projects LoRA gradients"),
+             ({"train.adapter": "loreft"}, plain, "train.adapter loreft"),
+             ({"train.eval_every": 5}, plain, "train.eval_every"),
+             ({"train.save_every": 5}, plain, "train.save_every")]
+    for over, method, says in cases:
+        with pytest.raises(ConfigError, match=says) as e:
+            check_fsdp(apply_overrides(RunConfig(), over, where="t"), method)
+        assert "ddp.yaml" in str(e.value)

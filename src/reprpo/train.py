@@ -229,6 +229,23 @@ def _finite(row: dict[str, float]) -> bool:
     return all(math.isfinite(v) for k, v in row.items() if k not in ("step", "epoch", "bad_steps"))
 
 
+def check_fsdp(cfg: RunConfig, method) -> None:
+    """What FSDP (accelerate's fsdp config) runs today: LoRA with a loss whose every forward is
+    inside `Policy`. Parts that read or write sharded weights outside a forward are refused."""
+    why = []
+    if method.reference.directions:
+        why.append(f"{cfg.train.method} projects LoRA gradients and updates outside the forward")
+    if cfg.train.adapter != "lora":
+        why.append(f"train.adapter {cfg.train.adapter} is saved from its module directly")
+    if cfg.train.eval_every:
+        why.append("train.eval_every scores with the weights outside the wrapped forward")
+    if cfg.train.save_every:
+        why.append("train.save_every checkpoints the adapter tensors of process 0 only")
+    if why:
+        raise ConfigError("under FSDP " + "; ".join(why) + ". Use DDP (configs/accelerate/ddp.yaml; "
+                          "LoRA on a model that fits one GPU in bf16) or turn those options off.")
+
+
 def _adapter_tensors(model) -> dict[str, torch.Tensor]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
@@ -271,7 +288,7 @@ def train(cfg: RunConfig, *, resume: str | None = None) -> Path:
 
 
 def _train(cfg: RunConfig, out: Path, resume: str | None) -> Path:
-    from accelerate import Accelerator
+    from accelerate import Accelerator, DistributedType
     from accelerate.utils import set_seed
 
     from reprpo import checkpoint as ckpt
@@ -393,6 +410,9 @@ def _train(cfg: RunConfig, out: Path, resume: str | None) -> Path:
         scheduler.load_state_dict(meta["scheduler"])
         c |= meta["counters"]
         rows = meta["metrics"]
+    fsdp = acc.distributed_type == DistributedType.FSDP
+    if fsdp:
+        check_fsdp(cfg, method)
     # every training forward goes through `policy`, the prepared (DDP / FSDP) module: see Policy
     policy, optimizer, loader = acc.prepare(Policy(model), optimizer, loader)
     if state is not None:  # the data position: mid-epoch, the epoch's order with its first batches left out
@@ -534,10 +554,14 @@ def _train(cfg: RunConfig, out: Path, resume: str | None) -> Path:
 
     # save: the adapter (AutoPeftModelForCausalLM loads it), tokenizer, config, report
     acc.wait_for_everyone()
+    full = acc.get_state_dict(policy) if fsdp else None  # FSDP: every process takes part in gathering the shards
     if acc.is_main_process:
         log.close()
         final = model
-        if bad_names := _nonfinite(_adapter_tensors(final) | dict(method.state_dict())):
+        # FSDP: process 0's own tensors are shards; its adapter is taken from the gathered state
+        full = {k.removeprefix("module."): v for k, v in full.items()} if full is not None else None
+        trained = _adapter_tensors(final) if full is None else {n: full[n] for n in _adapter_tensors(final)}
+        if bad_names := _nonfinite(trained | dict(method.state_dict())):
             raise TrainingError(f"the trained adapter holds non-finite values ({', '.join(bad_names[:3])}); not saved as a result. "
                                 f"Lower --train.lr (now {tc.lr:g}).")
         from reprpo.model import interventions
@@ -545,7 +569,7 @@ def _train(cfg: RunConfig, out: Path, resume: str | None) -> Path:
         if interventions.find(final) is not None:  # a representation adapter: OUT/intervention.{safetensors,_config.json}
             interventions.save(final, out)
         else:
-            final.save_pretrained(out)
+            final.save_pretrained(out, **({"state_dict": full} if full is not None else {}))
         tok.save_pretrained(out)
         from reprpo.model.loading import record_base
 

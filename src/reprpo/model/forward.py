@@ -47,6 +47,7 @@ class Policy(torch.nn.Module):
     def __init__(self, model):
         super().__init__()
         self.module = model  # `module`: base_model and accelerate's unwrap_model look through it
+        self._no_split_modules = getattr(base_model(model), "_no_split_modules", None)  # FSDP's auto-wrap: the decoder block class
 
     def forward(self, fn, *args, **kwargs):
         return fn(self.module, *args, **kwargs)
