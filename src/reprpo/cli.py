@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import textwrap
 from contextlib import nullcontext
@@ -71,6 +72,8 @@ def cmd_train(args) -> int:
     check_out_dir(out)
     with run_lock(out):  # held through the evaluation, which writes OUT/eval
         train(cfg, resume=args.resume)
+        if int(os.environ.get("RANK", "0")) > 0:  # a multi-process launch: process 0 evaluates and writes the card
+            return 0
         print(f"adapter, config and metrics saved to {out}")
         if cfg.eval.after_train:
             table, _ = evaluate_run(cfg, adapter_dir=out, out=out / "eval")
