@@ -189,6 +189,11 @@ def test_bf16_weights_and_autocast_train_within_bf16_tolerance_of_fp32(tmp_path)
     assert bf16[1]["loss"] != fp32[1]["loss"]  # bf16 really ran
     saved = load_file(str(out / "adapter_model.safetensors"))
     assert {v.dtype for v in saved.values()} == {torch.float32}
+    # autocast over float32 weights: the reference cache is computed under the same autocast
+    # and keyed by it, so the policy at init equals its reference and the step-1 loss is ln 2
+    # (before, the float32 run's cache was reused: 0.693170 here, 0.6967 on W1)
+    auto, _ = _train_rows(tmp_path, "autocast", "--train.mixed_precision", "bf16")
+    assert auto[0]["loss"] == pytest.approx(0.693147, abs=1e-6)
 
 
 def test_gradient_checkpointing_and_compile_through_train(tmp_path):

@@ -147,7 +147,7 @@ class SpeedConfig:
     response_logits: bool = F(True, "apply the output head only at response positions (off: full logits, the plain way)")
     logit_chunk: int = F(2048, "response tokens per chunk of the log-softmax (bounds logits memory)")
     length_batches: bool = F(True, "group pairs of similar length into batches (less padding)")
-    compile: bool = F(False, "torch.compile the decoder blocks for training (off: on this CPU it measured slower, see README 'Scaling up'; try it on GPUs)")
+    compile: bool = F(False, "torch.compile the decoder blocks for training: on W1 here 0.86x the s/step once compiled, but the first step takes 18-56 s, so it pays after about 20-75 steps (docs/scaling.md); not for methods that hook inside blocks")
     keep_memory: bool = F(True, "glibc: keep freed memory in the process for the next step instead of returning it to the OS (no page faults on reuse; process-wide; peak RSS stays at its high-water mark)")
 
 

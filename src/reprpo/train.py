@@ -369,14 +369,17 @@ def _train(cfg: RunConfig, out: Path, resume: str | None) -> Path:
     cache, t_cache = None, time.time()
     need = method.reference
     if cfg.speed.ref_cache and need.cached:  # one reference pass now, none in the loop (for what the cache holds)
-        with acc.main_process_first():  # process 0 computes and saves it; the others then read it from disk
+        # process 0 computes and saves it, the others then read it from disk; under the loop's
+        # autocast (train.mixed_precision), so that the policy at init equals its reference
+        with acc.main_process_first(), acc.autocast():
             cache = build_ref_cache(model, data.tokenized, pad_id=tok.pad_token_id, layout=layout, batch_size=tc.batch_size,
                                     points=list(need.points), pooling=cfg.method.pooling, outlier_quantile=cfg.method.outlier_quantile,
                                     chunk=cfg.speed.logit_chunk, directions=lora_modules(model) if need.directions else None,
                                     features=need.features,
                                     progress=tc.progress and acc.is_main_process)
     t_cache = time.time() - t_cache
-    method.prepare(model, data.tokenized, pad_id=tok.pad_token_id, cache=cache, layout=layout)  # e.g. fit pca, size frames
+    with acc.autocast():
+        method.prepare(model, data.tokenized, pad_id=tok.pad_token_id, cache=cache, layout=layout)  # e.g. fit pca, size frames
     method.to(acc.device)
     extra = method.extra_parameters()  # learned frames (hra/ether/ortho), a reward head
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) + sum(p.numel() for p in extra)

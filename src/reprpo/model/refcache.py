@@ -162,6 +162,9 @@ def build_ref_cache(
             "directions": sorted(directions)}
     if sae is not None:  # older caches (no SAE) keep their fingerprint
         spec["sae"] = {"point": feat_point.key, "fingerprint": sae.fingerprint()}
+    dev = next(model.parameters()).device.type
+    if torch.is_autocast_enabled(dev):  # train.mixed_precision: the policy at init is computed so too
+        spec["autocast"] = str(torch.get_autocast_dtype(dev))
     fp = hashlib.blake2b(json.dumps(spec, sort_keys=True).encode(), digest_size=16).hexdigest()
     path = cache_root() / f"{fp}.pt"
     if use_disk and path.is_file():
