@@ -51,15 +51,24 @@ def genies_dir():
 @pytest.fixture(scope="module")
 def lora(tiny):
     """(LoRA model (r 4) with random small B so policy != reference, tokenizer); per test module."""
+
+
+    from reprpo.config import RunConfig, apply_overrides
+
+    model0, tok = tiny
+    cfg = apply_overrides(RunConfig(), {"lora.r": 4}, where="t")
+    return random_lora(model0, cfg), tok
+
+
+def random_lora(model0, cfg):
+    """A LoRA (seed 0) on a copy of `model0` with LoRA-B ~ N(0, 0.02²), so policy != reference
+    and LoRA-A gets gradients; in train mode."""
     import copy
 
     import torch
 
-    from reprpo.config import RunConfig, apply_overrides
     from reprpo.train import make_lora
 
-    model0, tok = tiny
-    cfg = apply_overrides(RunConfig(), {"lora.r": 4}, where="t")
     torch.manual_seed(0)
     model = make_lora(copy.deepcopy(model0), cfg)
     with torch.no_grad():
@@ -67,4 +76,4 @@ def lora(tiny):
             if "lora_B" in n:
                 torch.nn.init.normal_(p, std=0.02)
     model.train()
-    return model, tok
+    return model

@@ -124,14 +124,12 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny, tmp_path
     gradient (LoRA A and B, with B random so A's are not 0; a learned frame) equal those without
     it to 1e-5, for an output loss, captured block outputs, captured submodule inputs (hooks
     inside a recomputed block) and projgrad's gradient hooks, on both layouts. Today: no option."""
-    import copy
-
     from reprpo.data.builtin import builtin_pairs
     from reprpo.data.tokenize import tokenize_pairs
     from reprpo.methods.presets import build_method
     from reprpo.model.layout import build_layout
     from reprpo.model.memory import enable_gradient_checkpointing
-    from reprpo.train import make_lora
+    from tests.conftest import random_lora
     from tests.test_methods import _cfg
 
     model0, tok = tiny
@@ -139,13 +137,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny, tmp_path
     cfg = _cfg(tmp_path, method, **{"lora.r": 4})
     out = []
     for ckpt in (False, True):
-        torch.manual_seed(0)
-        model = make_lora(copy.deepcopy(model0), cfg)
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if "lora_B" in n:
-                    torch.nn.init.normal_(p, std=0.02)
-        model.train()
+        model = random_lora(model0, cfg)
         meth = build_method(cfg, model)
         meth.prepare(model, tp, pad_id=tok.pad_token_id)
         layout = build_layout(cfg.speed, model, stage="train", device_type="cpu", packing=packed and meth.packing,
