@@ -223,3 +223,96 @@ def fmt_ci(mean: float, half_width: float, *, digits: int = 1, signed: bool = Tr
         return "—"
     m = f"{mean:+.{digits}f}" if signed else f"{mean:.{digits}f}"
     return f"{m} ± {half_width:.{digits}f}" if math.isfinite(half_width) else f"{m} ± n/a"
+
+
+# --------------------------------------------------------------------------- paired bootstrap, Holm
+
+
+def paired_bootstrap_draws(method_values: Mapping[Hashable, Iterable[float]], ref_values: Mapping[Hashable, Iterable[float]], *,
+                           seeds: Iterable[Hashable] | None = None, n_boot: int = 2000, seed: int = 0,
+                           scale: float = 100.0) -> tuple[float, np.ndarray]:
+    """d = (1/S) Σ_s scale·mean_i (x_{s,i} − r_{s,i}); B draws of d* from the two-stage (cluster) bootstrap
+    Ours, after Davison & Hinkley (1997) §3.8 (two-stage resampling of clustered data): draw S seeds with replacement, then within every drawn seed its n_s pairs with replacement, the *same* pair indices for method and reference (paired).
+
+    method_values / ref_values: seed -> per-pair values matched by position (pair index), e.g.
+    correct (0, ½, 1) or correct − the base model's correct of the same pair (then d is a
+    difference of Δs). `seeds`: the seeds to use (default: those in both, sorted); a seed in one
+    mapping only is an error here: the caller matches and reports. `scale` 100 gives pp.
+    Returns (d, draws (B,)); (nan, empty) without seeds. A seed drawn twice in one replicate gets
+    two independent within-seed resamples. Deterministic for a fixed `seed`."""
+    keys = sorted(k for k in method_values if k in ref_values) if seeds is None else list(seeds)
+    x = []
+    for k in keys:
+        if k not in method_values or k not in ref_values:
+            raise ValueError(f"paired_bootstrap: seed {k!r} is missing from the {'method' if k not in method_values else 'reference'} values")
+        m, r = np.asarray(list(method_values[k]), dtype=float), np.asarray(list(ref_values[k]), dtype=float)
+        if m.shape != r.shape or m.size == 0:
+            raise ValueError(f"paired_bootstrap: seed {k!r} has {m.size} method and {r.size} reference values; "
+                             "pass the same (non-empty) pairs for both, matched by pair index")
+        x.append(scale * (m - r))  # (n_s,)
+    if not x:
+        return math.nan, np.empty(0)
+    point = float(np.mean([xs.mean() for xs in x]))
+    rng = np.random.default_rng(seed)
+    n_seeds = len(x)
+    pick = rng.integers(0, n_seeds, size=(n_boot, n_seeds))  # (B, S): the seeds of each replicate
+    total = np.zeros(n_boot)
+    for j in range(n_seeds):
+        for s, xs in enumerate(x):
+            rows = np.flatnonzero(pick[:, j] == s)
+            if rows.size:
+                idx = rng.integers(0, xs.size, size=(rows.size, xs.size))  # the same pairs for both: xs is m − r
+                total[rows] += xs[idx].mean(axis=1)
+    return point, total / n_seeds
+
+
+def percentile_interval(draws: Iterable[float], level: float = 0.95) -> tuple[float, float]:
+    """(lo, hi) = the (1 − level)/2 and (1 + level)/2 quantiles of the bootstrap draws (linear interpolation)
+    Efron & Tibshirani (1993) §13.3, the percentile interval. (nan, nan) without draws."""
+    a = _finite(draws)
+    if a.size == 0:
+        return math.nan, math.nan
+    lo, hi = np.quantile(a, [(1.0 - level) / 2.0, (1.0 + level) / 2.0])
+    return float(lo), float(hi)
+
+
+def paired_bootstrap(method_correct: Mapping[Hashable, Iterable[float]], ref_correct: Mapping[Hashable, Iterable[float]], *,
+                     seeds: Iterable[Hashable] | None = None, n_boot: int = 2000, seed: int = 0, level: float = 0.95,
+                     scale: float = 100.0) -> tuple[float, float, float]:
+    """(d, lo, hi): d = mean over seeds of the per-seed accuracy difference method − reference (pp), with the
+    percentile `level` interval of `paired_bootstrap_draws` (seeds, then pairs within seeds, resampled; paired).
+
+    Identical methods → (0, 0, 0). Method right on all 4 pairs of one seed, reference right on
+    pairs 0, 1 only → d = 100·(1 − ½) = +50 pp; a replicate is 100·(share of pairs 2, 3 drawn)."""
+    d, draws = paired_bootstrap_draws(method_correct, ref_correct, seeds=seeds, n_boot=n_boot, seed=seed, scale=scale)
+    return (d, *percentile_interval(draws, level))
+
+
+def bootstrap_pvalue(draws: Iterable[float]) -> float:
+    """p = min(1, 2·min(1 + #{d* ≤ 0}, 1 + #{d* ≥ 0}) / (B + 1)), two-sided, for H0: d = 0
+    Ours: the percentile-interval test inversion (the smallest α whose 1 − α percentile interval excludes 0), with the +1 correction ((1 + #)/(B + 1): the observed value counts as a draw; Davison & Hinkley 1997, ch. 4) so that p > 0.
+
+    draws [−1, 1, 2, 3]: #≤0 = 1, #≥0 = 3 → 2·2/5 = 0.8; B draws all > 0 → 2/(B + 1);
+    all draws 0 → 1. nan without draws."""
+    a = _finite(draws)
+    if a.size == 0:
+        return math.nan
+    tail = min(int((a <= 0).sum()), int((a >= 0).sum())) + 1
+    return min(1.0, 2.0 * tail / (a.size + 1))
+
+
+def holm(pvalues: Iterable[float]) -> list[float]:
+    """p̃_(i) = max_{j ≤ i} min(1, (m − j + 1)·p_(j)) over the m p-values sorted ascending (step-down)
+    Holm (1979), "A simple sequentially rejective multiple test procedure"; rejects p̃ < α with family-wise error ≤ α.
+
+    Returned in the input's order. Non-finite p-values are no test: nan out, not counted in m.
+    [0.01, 0.04, 0.03] → sorted 0.01·3 = 0.03, 0.03·2 = 0.06, 0.04·1 = 0.04 → max(0.06, 0.04) = 0.06:
+    [0.03, 0.06, 0.06]."""
+    p = [float(v) for v in pvalues]
+    ok = sorted((v, i) for i, v in enumerate(p) if math.isfinite(v))
+    out = [math.nan] * len(p)
+    m, run = len(ok), 0.0
+    for j, (v, i) in enumerate(ok):
+        run = max(run, min(1.0, (m - j) * v))
+        out[i] = run
+    return out
