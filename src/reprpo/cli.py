@@ -1,4 +1,4 @@
-"""`reprpo` command line: train, eval, export, compare, report, tune, data inspect, shifts list.
+"""`reprpo` command line: train, eval, export, compare, report, tune, study, data inspect, shifts list.
 
 Every config field is an option `--section.field VALUE`; `--config FILE.yaml` is read first,
 then the options on top. The resolved config is saved with every run (config.yaml).
@@ -254,6 +254,22 @@ def cmd_compare(args) -> int:
     return 1 if failed or missing else 0
 
 
+def cmd_study(args) -> int:
+    from reprpo.experiments.study import load_study, run_study
+
+    words = list(args.study)
+    report = args.report
+    if len(words) == 2 and words[0] == "report":
+        report, words = True, words[1:]
+    if len(words) != 1:
+        raise ReprpoError(f"reprpo study {' '.join(args.study)}: expected FILE or `report FILE`.")
+    if args.workers < 1:
+        raise ReprpoError(f"--workers {args.workers}: give how many runs to train at once (>= 1).")
+    study = load_study(words[0], out=args.out, profile=args.profile)
+    failed = run_study(study, yes=args.yes, plan_only=args.plan, report_only=report, workers=args.workers)
+    return 1 if failed else 0
+
+
 def cmd_sae_train(args) -> int:
     import dataclasses
 
@@ -395,6 +411,24 @@ def parser() -> argparse.ArgumentParser:
     add_config_arguments(tu, choices=registry_choices())
     tu.set_defaults(func=cmd_tune)
 
+    sy = sub.add_parser("study", help="run a study file: plan (measured ETA, budget) -> tune -> compare -> report",
+                        description="Run a study file (configs/studies/*.yaml; docs/study.md): check it, print the plan and an ETA measured "
+                                    "on this machine (a few real train steps, scoring and generation with the study's model and sizes), refuse a "
+                                    "plan over the file's budget_hours unless --yes; then tune each method on its family's validation shift "
+                                    "(optuna; a candidates group keeps its top k), compare every (model, method, reported shift, seed) with the "
+                                    "tuned parameters (and the target-tuned runs), and write the report. Resumable after a kill at any point: "
+                                    "run the same command again (finished trials and done runs are kept). `reprpo study report FILE` re-renders "
+                                    "the reports only.")
+    sy.add_argument("study", nargs="+", metavar="FILE", help="the study file, or `report FILE`")
+    sy.add_argument("--plan", action="store_true", help="print the plan and the measured ETA, run nothing")
+    sy.add_argument("--yes", action="store_true", help="run even when the measured ETA is over the file's budget_hours")
+    sy.add_argument("--report", action="store_true", help="only re-render the reports from the results stores (= `reprpo study report FILE`)")
+    sy.add_argument("--workers", type=int, default=1, metavar="N", help="compare: train up to N runs at once (worker processes, `reprpo compare --workers`; default: %(default)s)")
+    sy.add_argument("--out", help="study directory (default: the file's `out`, else runs/studies/NAME)")
+    sy.add_argument("--profile", default="auto", choices=("auto", "cpu", "gpu"),
+                    help="which settings of the file: gpu applies its `gpu:` keys (bigger models, more seeds); auto = gpu when CUDA is visible (default: %(default)s)")
+    sy.set_defaults(func=cmd_study)
+
     x = sub.add_parser("export", help="write a trained run as a merged full model (loads with AutoModelForCausalLM) and/or a clean PEFT adapter folder",
                        description="Write a trained run as a merged full model (loads with AutoModelForCausalLM) and/or a clean PEFT adapter folder. Give --merged, --adapter or both.")
     x.add_argument("run", metavar="RUN", help="a `reprpo train` output directory")
@@ -425,7 +459,7 @@ def parser() -> argparse.ArgumentParser:
 
     # `reprpo --quiet train` and `reprpo train --quiet` both work. SUPPRESS: a subcommand that is
     # not given --quiet sets nothing, so it cannot overwrite the root's True with its own False.
-    for sp in (t, e, i, c, tu, st):
+    for sp in (t, e, i, c, tu, st, sy):
         sp.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help=quiet_help)
     return p
 

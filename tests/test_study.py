@@ -1,0 +1,198 @@
+"""`reprpo study FILE`: the study file's checks, the keep-top-k rule, a tiny study end to end
+(2 methods x 2 shifts x 2 seeds, 2 trials each), the budget refusal, resume after kill -9."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+from reprpo.cli import main
+from reprpo.errors import ConfigError
+from reprpo.experiments.study import load_study, select_kept
+from reprpo.experiments.tune import read_params
+
+TINY = Path(__file__).resolve().parents[1] / "configs" / "studies" / "tiny.yaml"
+METHODS = {"dpo", "hs-none-prefvec"}
+SHIFTS = {"builtin:difficulty", "builtin:encoding"}
+
+
+def _variant(tmp_path: Path, name: str = "study.yaml", **changes) -> Path:
+    """tiny.yaml with top-level keys replaced (None: removed)."""
+    d = yaml.safe_load(TINY.read_text())
+    for k, v in changes.items():
+        if v is None:
+            d.pop(k, None)
+        else:
+            d[k] = v
+    p = tmp_path / name
+    p.write_text(yaml.safe_dump(d, sort_keys=False))
+    return p
+
+
+def _runs(store: Path) -> list[tuple]:
+    con = sqlite3.connect(store)
+    rows = con.execute("SELECT method, shift, seed, status, finished FROM runs ORDER BY run_id").fetchall()
+    con.close()
+    return rows
+
+
+def _trials(storage: Path) -> dict[str, int]:
+    url = f"sqlite:///{storage}"
+    done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    return {s: sum(t.state in done for t in optuna.load_study(study_name=s, storage=url).trials)
+            for s in optuna.get_all_study_names(url)}
+
+
+# -- the file --------------------------------------------------------------------------------
+def test_tiny_study_file_reads(tmp_path):
+    s = load_study(TINY, out=tmp_path)
+    assert [m.name for m in s.models] == ["tiny-random"] and s.seeds == [1, 2]
+    assert s.reported == ["builtin:difficulty", "builtin:encoding"] and s.validation == {"default": "builtin:context"}
+    assert [m.preset for m in s.methods] == ["dpo", "hs-none-prefvec"] and all(m.trials == 2 for m in s.methods)
+    assert s.sizes == {"data.n_train": 8, "data.n_eval": 6, "train.max_steps": 2, "train.batch_size": 2}
+    assert s.methods[1].set == {"method.layers": "0.5"}
+
+
+def test_default_reported_shifts_are_all_but_the_validation_ones(tmp_path):
+    s = load_study(_variant(tmp_path, shifts={"file": "builtin"}, validation={"default": "context", "repr": "quality"}))
+    assert "builtin:context" not in s.reported and "builtin:quality" not in s.reported and "builtin:difficulty" in s.reported
+    assert s.validation_of(s.methods[1]) == "builtin:quality" and s.validation_of(s.methods[0]) == "builtin:context"
+
+
+def test_genies_study_files_read(genies_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(TINY.parents[2])  # the GENIES path in the files is relative to the repository root
+    s = load_study(TINY.parent / "genies-smollm2.yaml", out=tmp_path, profile="cpu")
+    assert len(s.reported) >= 6 and len(s.seeds) >= 3 and s.sizes["data.n_train"] >= 128 and s.sizes["data.n_eval"] >= 100
+    assert {"dpo", "simpo", "projgrad", "fpo", "probe-mms", "reward"} <= {m.preset for m in s.methods}
+    assert s.groups[0].keep == 2 and len(s.groups[0].members) > 2
+    assert not set(s.validation.values()) & set(s.reported)
+    g = load_study(TINY.parent / "genies-smollm2.yaml", out=tmp_path, profile="gpu")
+    assert len(g.models) > 1 and len(g.seeds) > len(s.seeds) and g.base["model.dtype"] == "bfloat16"
+    big = load_study(TINY.parent / "genies-1b-8b.yaml", out=tmp_path, profile="cpu")
+    assert [m.name for m in big.models][0] == "meta-llama/Llama-3.2-1B-Instruct" and len(big.models) == 3
+
+
+def test_validation_shift_that_is_reported_is_refused(tmp_path):
+    p = _variant(tmp_path, validation="difficulty")
+    with pytest.raises(ConfigError, match=r"validation shift builtin:difficulty is also a reported shift") as e:
+        load_study(p)
+    assert str(p) in str(e.value) and "builtin:encoding" in str(e.value)
+    p = _variant(tmp_path, validation={"default": "context", "repr": "builtin:encoding"})
+    with pytest.raises(ConfigError, match=r"validation\.repr: validation shift builtin:encoding"):
+        load_study(p)
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"seedz": [1]}, r"top level: unknown key 'seedz'"),
+    ({"sizes": {"n_trian": 8}}, r"sizes: unknown key 'n_trian'"),
+    ({"base": {"train": {"lrr": 1}}}, r"unknown field 'train.lrr'"),
+    ({"base": {"data": {"shift": "x"}}}, r"data.shift is set by the study"),
+    ({"methods": ["dpo", "no-such-preset"]}, r"unknown method"),
+    ({"methods": [{"candidates": ["dpo", "simpo"], "keep": 3}]}, r"keep <= 2"),
+    ({"validation": None}, r"validation: missing"),
+    ({"budget_hours": None}, r"budget_hours"),
+    ({"methods": ["dpo", "dpo"]}, r"dpo named twice"),
+    ({"shifts": {"file": "nowhere/shifts.json"}}, r"shifts.file: shifts file not found"),
+])
+def test_study_file_errors_name_the_file_and_key(tmp_path, changes, message):
+    p = _variant(tmp_path, **changes)
+    with pytest.raises(ConfigError, match=message) as e:
+        load_study(p)
+    assert str(p) in str(e.value)
+
+
+def test_select_kept_takes_the_top_k_by_validation_gain(tmp_path):
+    s = load_study(_variant(tmp_path, methods=[{"candidates": ["hs-none-prefvec", "hs-pca-prefvec", "hs-none-mse"], "keep": 2,
+                                                "name": "repr"}, "dpo"]))
+    kept, ranking = select_kept(s, {"hs-none-prefvec": 1.0, "hs-pca-prefvec": float("nan"), "hs-none-mse": 3.0})
+    assert kept == {"repr": ["hs-none-mse", "hs-none-prefvec"]}
+    assert [p for p, _ in ranking["repr"]] == ["hs-none-mse", "hs-none-prefvec", "hs-pca-prefvec"]
+
+
+# -- end to end ------------------------------------------------------------------------------
+def test_tiny_study_end_to_end_and_budget_refusal(tmp_path, capsys):
+    out = tmp_path / "study"
+    over = _variant(tmp_path, "over.yaml", budget_hours=1e-7)
+    assert main(["study", str(over), "--out", str(out)]) == 2  # refused: the measured ETA is over budget
+    err = capsys.readouterr()
+    assert "measured on this machine" in err.out and "s/step" in err.out and "over budget_hours 1e-07" in err.err
+    assert not (out / "tiny-random" / "results.sqlite").exists()
+
+    assert main(["study", str(TINY), "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "ETA" in text and "for 8 of 8 runs (+ tuning 4 of 4 trials)" in text
+    mdir = out / "tiny-random"
+    runs = _runs(mdir / "results.sqlite")
+    assert len(runs) == 8 and {r[3] for r in runs} == {"done"}
+    assert {r[0] for r in runs} == METHODS and {r[1] for r in runs} == SHIFTS and {r[2] for r in runs} == {1, 2}
+    assert _trials(mdir / "tune" / "optuna.sqlite") == {"dpo@builtin:context": 2, "hs-none-prefvec@builtin:context": 2}
+    for m in METHODS:
+        params, meta = read_params(mdir / "tune" / f"best_params_{m}.yaml")
+        assert meta["validated_on"] == "builtin:context" and "train.lr" in params
+    con = sqlite3.connect(mdir / "results.sqlite")
+    lrs = {(m, round(float(__import__("json").loads(c)["train"]["lr"]), 12)) for m, c in con.execute("SELECT method, config_json FROM runs")}
+    con.close()
+    for m in METHODS:  # the compared runs use the tuned parameters
+        tuned = read_params(mdir / "tune" / f"best_params_{m}.yaml")[0]["train.lr"]
+        assert {lr for mm, lr in lrs if mm == m} == {round(tuned, 12)}
+    assert any((mdir / "report").iterdir()) and (out / "study.yaml").is_file()
+
+    assert main(["study", str(TINY), "--out", str(out)]) == 0  # again: nothing is redone
+    text = capsys.readouterr().out
+    assert "for 0 of 8 runs (+ tuning 0 of 4 trials)" in text and text.count("running 0 more") == 2
+    assert "8 already done" in text and _runs(mdir / "results.sqlite") == runs
+    assert main(["study", "report", str(TINY), "--out", str(out)]) == 0
+
+
+KILLER = """
+import os, signal, sys
+point, n = os.environ["KILL_AT"].split(":")
+import reprpo.experiments.compare as cp
+import reprpo.experiments.study as st
+die = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
+if point == "compare":  # between the phases: tuning done, compare not started
+    st.compare_phase = die
+else:  # inside compare: the n-th run is claimed, then the process dies
+    run, calls = cp.execute_run, [0]
+    def execute(*a, **k):
+        calls[0] += 1
+        if calls[0] == int(n):
+            die()
+        return run(*a, **k)
+    cp.execute_run = execute
+from reprpo.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_study_resumes_after_kill_9_between_phases_and_inside_compare(tmp_path, capsys):
+    study = _variant(tmp_path, seeds=[1])
+    out = tmp_path / "study"
+    mdir = out / "tiny-random"
+    cmd = [sys.executable, "-c", KILLER, "study", str(study), "--out", str(out)]
+    env = os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run(cmd, env=env | {"KILL_AT": "compare:0"}, capture_output=True, text=True)
+    assert r.returncode == -9, r.stderr[-3000:]
+    assert _trials(mdir / "tune" / "optuna.sqlite") == {"dpo@builtin:context": 2, "hs-none-prefvec@builtin:context": 2}
+    assert not (mdir / "results.sqlite").exists()
+
+    r = subprocess.run(cmd, env=env | {"KILL_AT": "run:3"}, capture_output=True, text=True)
+    assert r.returncode == -9, r.stderr[-3000:]
+    assert r.stdout.count("running 0 more") == 2  # the tuning trials were not redone
+    before = _runs(mdir / "results.sqlite")
+    assert sorted(x[3] for x in before) == ["done", "done", "running"]
+
+    assert main(["study", str(study), "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "for 2 of 4 runs (+ tuning 0 of 4 trials)" in text and "2 already done" in text
+    after = _runs(mdir / "results.sqlite")
+    assert len(after) == 4 and {x[3] for x in after} == {"done"}
+    assert {x for x in after if x in before} == {x for x in before if x[3] == "done"}  # done runs kept as they were
+    assert _trials(mdir / "tune" / "optuna.sqlite") == {"dpo@builtin:context": 2, "hs-none-prefvec@builtin:context": 2}
