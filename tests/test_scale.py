@@ -74,15 +74,22 @@ def single(tmp_path_factory):
     return tmp / "out"
 
 
+@pytest.fixture(scope="module")
+def ddp(tmp_path_factory):
+    """Two processes, 2 pairs each a step, every method of DDP_METHODS in one launch."""
+    tmp = tmp_path_factory.mktemp("ddp")
+    _launch(tmp, tmp / "out", procs=2, batch_size=2)
+    return tmp / "out"
+
+
 @pytest.mark.parametrize("method", DDP_METHODS)
-def test_two_processes_sync_and_equal_one_process_on_all_their_pairs(single, tmp_path, method):
+def test_two_processes_sync_and_equal_one_process_on_all_their_pairs(single, ddp, method):
     """2 processes (torchrun, gloo on CPU), 2 pairs each, one step: both replicas hold the same
     trainable tensors, equal to one process stepping on the 4 pairs (to 1e-5), and process 0
     logs the all-process loss and gradient norm. Today: every forward called the decoder inside
     the DDP wrapper, DDP never all-reduced, each replica stepped on its own 2 pairs (the
     regression below keeps that path and shows this test catches it)."""
-    out = tmp_path / "ddp"
-    _launch(tmp_path, out, procs=2, batch_size=2, methods=(method,))
+    out = ddp
     r0, r1 = load_file(str(out / method / "rank0.safetensors")), load_file(str(out / method / "rank1.safetensors"))
     one = load_file(str(single / method / "rank0.safetensors"))
     assert r0.keys() == r1.keys() == one.keys()
