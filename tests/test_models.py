@@ -17,7 +17,12 @@ def test_missing_local_path_is_clear(tmp_path):
 
 
 def test_hub_id_offline_is_clear(monkeypatch):
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # huggingface_hub reads the variable once, at import: as a user's `HF_HUB_OFFLINE=1 reprpo ...`
+    # is seen (set at runtime only, the hub is tried until a timeout, 46 s here)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(ModelError, match="HF_HUB_OFFLINE"):
         models.load_model_and_tokenizer("no-such-owner-xyz/no-such-model-xyz")
 
