@@ -2,6 +2,7 @@
 
 A manifest (MANIFEST) holds size + sha256 of every file; a stamp (VERIFIED) holds each file's
 (size, mtime_ns, inode) at the last full check, so a load whose stamp matches only stats files.
+`save_on_any_process` writes a conversion from whichever process of a launch makes it.
 """
 
 from __future__ import annotations
@@ -89,3 +90,22 @@ def verify_checksums(directory: Path) -> str | None:
         except OSError:  # a read-only cache: verified, just not stamped; hash again next time
             pass
     return None
+
+
+def save_on_any_process(model, path: Path) -> None:
+    """model.save_pretrained(path) on whichever process calls it. transformers (5.x) writes
+    nothing, silently, on a process whose torch.distributed rank is not 0; our conversions are
+    per-machine caches that any process of a launch may be the one to make."""
+    check = getattr(model, "should_save_on_this_rank", None)
+    if check is None:
+        model.save_pretrained(path)
+        return
+    model.should_save_on_this_rank = lambda is_main_process: True  # this instance only
+    try:
+        model.save_pretrained(path)
+    finally:
+        del model.should_save_on_this_rank
+    if not (path / "config.json").exists():
+        from reprpo.errors import ModelError
+
+        raise ModelError(f"saving the model to {path} wrote no config.json; check the disk and try again.")

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from reprpo.errors import ModelError
-from reprpo.model.checksums import verify_checksums, write_checksums
+from reprpo.model.checksums import save_on_any_process, verify_checksums, write_checksums
 from reprpo.progress import bar
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -119,23 +119,6 @@ def _file_lock(path: Path):
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-def save_on_any_process(model, path: Path) -> None:
-    """model.save_pretrained(path) on whichever process calls it. transformers (5.x) writes
-    nothing, silently, on a process whose torch.distributed rank is not 0; our conversions are
-    per-machine caches that any process of a launch may be the one to make."""
-    check = getattr(model, "should_save_on_this_rank", None)
-    if check is None:
-        model.save_pretrained(path)
-        return
-    model.should_save_on_this_rank = lambda is_main_process: True  # this instance only
-    try:
-        model.save_pretrained(path)
-    finally:
-        del model.should_save_on_this_rank
-    if not (path / "config.json").exists():
-        raise ModelError(f"saving the model to {path} wrote no config.json; check the disk and try again.")
 
 
 def _checked_conversion(out_dir: Path, *, source: str, convert: Callable[[], object]) -> Path:

@@ -70,8 +70,7 @@ def build_tiny_model(out_dir: str | Path | None = None, *, seed: int = 0, layers
         out = Path(out_dir)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
-        from reprpo.model.checksums import write_checksums
-        from reprpo.model.loading import save_on_any_process
+        from reprpo.model.checksums import save_on_any_process, write_checksums
 
         try:
             save_on_any_process(model, tmp)
