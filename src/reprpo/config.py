@@ -306,16 +306,18 @@ def _absolute_model_path(mc: ModelConfig) -> None:
         mc.name = str(p.resolve())
 
 
-def load_yaml(path: str | Path) -> dict[str, Any]:
+def load_yaml(path: str | Path, *, what: str = "Config file",
+              expect: str = "a mapping of sections (model, data, lora, train, eval)") -> dict[str, Any]:
+    """A YAML file that must hold a mapping; `what` and `expect` name it in the errors."""
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"Config file not found: {p}.")
+        raise ConfigError(f"{what} not found: {p}.")
     try:
         data = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: not valid YAML ({e}).") from e
     if not isinstance(data, dict):
-        raise ConfigError(f"{p}: expected a mapping of sections (model, data, lora, train, eval).")
+        raise ConfigError(f"{p}: expected {expect}.")
     return data
 
 

@@ -359,13 +359,23 @@ def plot_transfer(rt: pd.DataFrame, path: Path) -> None:
     ax.axvline(0, color="0.6", lw=0.6)
     ax.set_xlim(lo, hi)
     ax.set_ylim(lo, hi)
+    finish_transfer_plot(fig, ax, path, colors=colors, methods=methods, markers=markers,
+                         title="Transfer: one point per run", title_size=11)
+
+
+def finish_transfer_plot(fig, ax, path: Path, *, colors: dict, methods: list[str], markers: dict, title: str,
+                         title_size: int = 10, extra: tuple = ()) -> None:
+    """Legend (methods by colour, shifts by marker, `extra` handles, y = x), Δtest / Δoos axis
+    labels and title of a Δoos-vs-Δtest plot; saved to `path` and closed."""
+    import matplotlib.pyplot as plt
+
     handles = [plt.Line2D([], [], color=colors[m], marker="o", ls="", label=m) for m in methods]
     handles += [plt.Line2D([], [], color="0.3", marker=mk, ls="", label=f"shift {sh}") for sh, mk in markers.items()]
-    handles += [plt.Line2D([], [], color="k", ls="--", label="y = x")]
+    handles += [*extra, plt.Line2D([], [], color="k", ls="--", label="y = x")]
     ax.legend(handles=handles, fontsize=8, loc="best", framealpha=0.9)
     ax.set_xlabel("Δ test (pp, in distribution)")
     ax.set_ylabel("Δ oos (pp, shifted)")
-    ax.set_title("Transfer: one point per run", fontsize=11)
+    ax.set_title(title, fontsize=title_size)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -36,7 +36,7 @@ from typing import Any
 
 import yaml
 
-from reprpo.config import SECTIONS, RunConfig, apply_overrides, to_flat
+from reprpo.config import SECTIONS, RunConfig, apply_overrides, load_yaml, to_flat
 from reprpo.data.shifts import list_shifts, shift_spec
 from reprpo.errors import ConfigError, ReprpoError
 from reprpo.progress import write
@@ -171,13 +171,7 @@ def load_study(path: str | Path, *, out: str | Path | None = None, profile: str 
     from reprpo.registered_names import KINDS, REGISTRY_FIELDS
 
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"study file not found: {path}.")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e}).") from e
-    raw = _mapping(raw, path, "top level")
+    raw = load_yaml(path, what="study file", expect="a mapping of study keys (name, models, shifts, methods, ...)")
     _known(raw, TOP_KEYS, path, "top level")
     gpu = _mapping(raw.get("gpu") or {}, path, "gpu")
     _known(gpu, GPU_KEYS, path, "gpu")

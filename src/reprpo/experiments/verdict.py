@@ -42,6 +42,7 @@ from reprpo.experiments.report import (
     TARGET,
     _colors,
     _md_table,
+    finish_transfer_plot,
     load_frames,
     run_table,
     scorer_facts,
@@ -335,17 +336,9 @@ def plot_scatter(per_shift: pd.DataFrame, path: Path, *, reference: str) -> None
     ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], "k--", lw=1)
     ax.axhline(0, color="0.6", lw=0.6)
     ax.axvline(0, color="0.6", lw=0.6)
-    handles = [plt.Line2D([], [], color=colors[m], marker="o", ls="", label=m) for m in methods]
-    handles += [plt.Line2D([], [], color="0.3", marker=mk, ls="", label=f"shift {sh}") for sh, mk in markers.items()]
-    handles += [plt.Line2D([], [], color="red", marker="x", ls="", label="incoherent"), plt.Line2D([], [], color="k", ls="--", label="y = x")]
-    ax.legend(handles=handles, fontsize=8, loc="best", framealpha=0.9)
-    ax.set_xlabel("Δ test (pp, in distribution)")
-    ax.set_ylabel("Δ oos (pp, shifted)")
-    ax.set_title("Δoos vs Δtest per method and shift (mean over seeds)", fontsize=10)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    finish_transfer_plot(fig, ax, path, colors=colors, methods=methods, markers=markers,
+                         title="Δoos vs Δtest per method and shift (mean over seeds)",
+                         extra=(plt.Line2D([], [], color="red", marker="x", ls="", label="incoherent"),))
 
 
 # --------------------------------------------------------------------------- rendering
