@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -125,7 +126,8 @@ def test_tiny_study_end_to_end_and_budget_refusal(tmp_path, capsys):
     assert "measured on this machine" in err.out and "s/step" in err.out and "over budget_hours 1e-07" in err.err
     assert not (out / "tiny-random" / "results.sqlite").exists()
 
-    assert main(["study", str(TINY), "--out", str(out)]) == 0
+    tiny = _variant(tmp_path, "tiny.yaml", archive=str(tmp_path / "archive"))
+    assert main(["study", str(tiny), "--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert "ETA" in text and "for 8 of 8 runs (+ tuning 4 of 4 trials)" in text
     mdir = out / "tiny-random"
@@ -142,13 +144,25 @@ def test_tiny_study_end_to_end_and_budget_refusal(tmp_path, capsys):
     for m in METHODS:  # the compared runs use the tuned parameters
         tuned = read_params(mdir / "tune" / f"best_params_{m}.yaml")[0]["train.lr"]
         assert {lr for mm, lr in lrs if mm == m} == {round(tuned, 12)}
-    assert any((mdir / "report").iterdir()) and (out / "study.yaml").is_file()
+    report = tmp_path / "archive" / "tiny-random" / "report"
+    assert any(report.iterdir()) and (out / "study.yaml").is_file()
 
-    assert main(["study", str(TINY), "--out", str(out)]) == 0  # again: nothing is redone
+    assert main(["study", str(tiny), "--out", str(out)]) == 0  # again: nothing is redone
     text = capsys.readouterr().out
     assert "for 0 of 8 runs (+ tuning 0 of 4 trials)" in text and text.count("running 0 more") == 2
     assert "8 already done" in text and _runs(mdir / "results.sqlite") == runs
-    assert main(["study", "report", str(TINY), "--out", str(out)]) == 0
+    assert main(["study", "report", str(tiny), "--out", str(out)]) == 0
+    verdict = (report / "verdict.md").read_text()
+
+    # a fresh checkout: runs/ (stores, optuna, adapters) is gone, the committed archive is not
+    shutil.rmtree(out)
+    assert main(["study", str(tiny), "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "8 run(s) imported (0 already in the store), 2 tuning study(ies) imported" in text
+    assert "for 0 of 8 runs (+ tuning 0 of 4 trials)" in text and "8 already done" in text
+    assert _runs(mdir / "results.sqlite") == runs and _trials(mdir / "tune" / "optuna.sqlite") == {
+        "dpo@builtin:context": 2, "hs-none-prefvec@builtin:context": 2}
+    assert (report / "verdict.md").read_text() == verdict
 
 
 KILLER = """

@@ -56,10 +56,12 @@ TOP_KEYS = {
     "base": "config sections (model, data, lora, train, method, speed, eval) fixed for every run",
     "budget_hours": "compute budget: a plan whose measured ETA is over it is refused unless --yes",
     "gpu": "keys (models, seeds, sizes, tune, base, budget_hours, compare) replacing the above when a CUDA GPU is visible",
+    "archive": "a folder to commit: per model the done runs' tables (CSV) and the tuning trials; read back at the start, "
+               "so the study resumes from a fresh checkout (experiments/archive.py); the verdict is written there too",
 }
 SIZE_KEYS = {"n_train": "data.n_train", "n_eval": "data.n_eval", "max_steps": "train.max_steps", "epochs": "train.epochs",
              "batch_size": "train.batch_size"}
-GPU_KEYS = ("models", "seeds", "sizes", "tune", "base", "budget_hours", "compare")
+GPU_KEYS = ("models", "seeds", "sizes", "tune", "base", "budget_hours", "compare", "archive")
 SET_BY_STUDY = ("data.shift", "data.train", "data.eval", "train.method", "train.seed", "model.name", "out")
 TRAINING_FREE = ("probe", "steer")  # method kinds that take no gradient step
 NO_GENERATION = ("probe", "reward")  # kinds whose scorer is not the LM's margin: no generation check (compare.generation_na)
@@ -110,6 +112,7 @@ class Study:
     target_tuned: str | None
     profile: str  # cpu | gpu: which keys were used
     raw: dict[str, Any] = field(default_factory=dict)
+    archive: Path | None = None  # committed copy of the finished work (experiments/archive.py)
 
     def validation_of(self, m: Method) -> str:
         return self.validation.get(m.kind) or self.validation["default"]
@@ -299,10 +302,13 @@ def load_study(path: str | Path, *, out: str | Path | None = None, profile: str 
     target = comp.get("target_tuned")
     if target is not None:
         preset_entry(target, "compare.target_tuned")
+    archive = d.get("archive")
+    if archive is not None and not isinstance(archive, str):
+        raise _err(path, "archive", f"expected a folder path, got {archive!r}.")
     return Study(path=path, name=name, out=Path(where_out), models=models, reported=reported, validation=validation,
                  methods=methods, groups=groups, seeds=list(seeds), sizes=sizes, tune_sizes=tune_sizes,
                  base=base, budget_hours=float(budget), target_tuned=target,
-                 profile=profile, raw=raw)
+                 profile=profile, raw=raw, archive=Path(archive) if archive else None)
 
 
 def _cuda() -> bool:
@@ -636,10 +642,46 @@ def compare_phase(study: Study, model: Model, sel: dict[str, Any], *, workers: i
                     target_tuned=study.target_tuned, workers=workers)
 
 
-def report_phase(study: Study, model: Model, *, log=write) -> Path:
-    """Render the verdict (experiments/verdict.py) when it exists, else the report."""
+def archive_dir(study: Study, model: Model) -> Path | None:
+    return study.archive / model.slug if study.archive else None
+
+
+def restore(study: Study, *, log=write) -> None:
+    """Read the archive back: the tuning trials and the done runs the stores lack."""
+    from reprpo.experiments.archive import import_runs, import_trials
+
+    for model in study.models:
+        adir = archive_dir(study, model)
+        if adir is None or not adir.is_dir():
+            continue
+        mdir = model_dir(study, model)
+        studies = import_trials(adir, mdir / "tune" / "optuna.sqlite")
+        new, had = import_runs(adir, mdir / "results.sqlite")
+        log(f"archive {adir}: {len(new)} run(s) imported ({len(had)} already in the store), "
+            f"{len(studies)} tuning study(ies) imported")
+
+
+def save(study: Study, model: Model, *, log=write) -> None:
+    """Write the model's tuning trials and done runs to the archive (nothing without one)."""
+    from reprpo.experiments.archive import export_runs, export_trials
+
+    adir = archive_dir(study, model)
+    if adir is None:
+        return
     mdir = model_dir(study, model)
-    out = mdir / "report"
+    names = export_trials(mdir / "tune" / "optuna.sqlite", adir)
+    n = export_runs(mdir / "results.sqlite", adir) if (mdir / "results.sqlite").is_file() else 0
+    sel = mdir / "tune" / "selection.yaml"
+    if sel.is_file():
+        (adir / "selection.yaml").write_text(sel.read_text())
+    log(f"archive {adir}: {n} done run(s), {len(names)} tuning study(ies)")
+
+
+def report_phase(study: Study, model: Model, *, log=write) -> Path:
+    """Render the verdict (experiments/verdict.py) when it exists, else the report; with an
+    archive, into ARCHIVE/MODEL/report (committed with the tables it is drawn from)."""
+    mdir = model_dir(study, model)
+    out = (archive_dir(study, model) or mdir) / "report"
     try:
         from reprpo.experiments.verdict import render_verdict
     except ImportError:
@@ -669,10 +711,12 @@ def run_study(study: Study, *, yes: bool = False, plan_only: bool = False, repor
     Returns the number of failed compared runs (0 = all done)."""
     from reprpo.experiments import store
 
+    restore(study, log=log)
     if report_only:
         for model in study.models:
             if not (model_dir(study, model) / "results.sqlite").is_file():
                 raise ConfigError(f"study {study.name}: no results store for {model.name} at {model_dir(study, model)}; run `reprpo study {study.path}` first.")
+            save(study, model, log=log)
             report_phase(study, model, log=log)
         return 0
     plan = make_plan(study, workers=workers, log=log)
@@ -688,14 +732,20 @@ def run_study(study: Study, *, yes: bool = False, plan_only: bool = False, repor
     selections = {}
     for model in study.models:
         log(f"== tune ({model.name})")
-        selections[model.slug] = tune_phase(study, model)
+        try:
+            selections[model.slug] = tune_phase(study, model)
+        finally:
+            save(study, model, log=log)
         for g, ks in selections[model.slug]["kept"].items():
             log(f"{g}: kept {', '.join(ks)} (ranking on the validation shift: "
                 f"{', '.join(f'{p} {v:+.1f} pp' for p, v in selections[model.slug]['ranking'][g])})")
     failed = 0
     for model in study.models:
         log(f"== compare ({model.name})")
-        ids = compare_phase(study, model, selections[model.slug], workers=workers)
+        try:
+            ids = compare_phase(study, model, selections[model.slug], workers=workers)
+        finally:
+            save(study, model, log=log)
         con = store.connect(model_dir(study, model) / "results.sqlite")
         try:
             failed += len(store.failed_runs(con, ids))

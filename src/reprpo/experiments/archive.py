@@ -1,0 +1,219 @@
+"""A study's archive: its finished work as committed text files, read back into a store.
+
+A results store and an optuna study live under runs/, which a fresh checkout does not have. A
+study longer than one session therefore keeps its finished work in a folder of plain files
+that can be committed (the study file's `archive:` key), and the next session starts by
+reading it back:
+
+- `export_runs(store, folder)`: every 'done' run with all its rows, one CSV per store table
+  (runs.csv, split_scores.csv, coherence.csv, pair_scores.csv.gz, curves.csv.gz), floats
+  written with `repr` so a re-import is bit-exact; runs.csv is written last, so a run listed
+  there always has its rows in the other files (an export killed halfway lists fewer runs).
+- `import_runs(folder, store)`: the archived runs the store lacks, each with its rows in one
+  transaction (`store.copy_runs`); a run already done in the store is left as it is.
+- `export_trials` / `import_trials`: the optuna studies of a tuning storage, through optuna's
+  own text journal (`JournalFileBackend`) and `optuna.copy_study`; a study the storage
+  already has is not imported again.
+
+Run ids are hashes of the resolved settings, so an archived run counts as done only for a grid
+whose run has exactly its settings; anything else in the archive is kept but not used.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import math
+import os
+import sqlite3
+import tempfile
+from pathlib import Path
+
+from reprpo.errors import ReprpoError
+from reprpo.experiments import store
+
+TABLES = ("runs", *store.RESULT_TABLES)
+GZIPPED = ("pair_scores", "curves")  # the long tables
+JOURNAL = "tuning.journal"
+
+
+class ArchiveError(ReprpoError):
+    """An archive file cannot be read as the table it names."""
+
+
+def table_file(folder: Path, table: str) -> Path:
+    return folder / (f"{table}.csv.gz" if table in GZIPPED else f"{table}.csv")
+
+
+def _cell(v) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return repr(v)  # shortest text that reads back to the same double
+    return str(v)
+
+
+def _write(path: Path, header: list[str], rows) -> None:
+    """Write to PATH.tmp, then rename: a kill leaves the old file or the new one, never half."""
+    buf = io.StringIO(newline="")
+    w = csv.writer(buf)
+    w.writerow(header)
+    for r in rows:
+        w.writerow([_cell(v) for v in r])
+    data = buf.getvalue().encode("utf-8")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(gzip.compress(data, mtime=0) if path.suffix == ".gz" else data)  # mtime 0: same rows, same bytes
+    os.replace(tmp, path)
+
+
+def export_runs(store_path: str | Path, folder: str | Path) -> int:
+    """Write every 'done' run of the store (and its rows) to FOLDER; returns how many."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    con = store.connect(store_path)
+    try:
+        done = "SELECT run_id FROM runs WHERE status = 'done'"
+        for table in (*store.RESULT_TABLES, "runs"):  # runs last: see the module docstring
+            where = "status = 'done'" if table == "runs" else f"run_id IN ({done})"
+            cur = con.execute(f"SELECT * FROM {table} WHERE {where} ORDER BY rowid")
+            _write(table_file(folder, table), [d[0] for d in cur.description], cur)
+        return con.execute("SELECT COUNT(*) FROM runs WHERE status = 'done'").fetchone()[0]
+    finally:
+        con.close()
+
+
+def _types(con: sqlite3.Connection, table: str) -> dict[str, str]:
+    return {r[1]: r[2].upper() for r in con.execute(f"PRAGMA table_info({table})")}
+
+
+def _value(text: str, typ: str, *, path: Path, line: int, column: str):
+    if text == "":
+        return None
+    try:
+        if typ == "INTEGER":
+            return int(text)
+        if typ == "REAL":
+            v = float(text)
+            if not math.isfinite(v):
+                raise ValueError("not finite")
+            return v
+    except ValueError as e:
+        raise ArchiveError(f"{path}, line {line}, column {column}: {text!r} is not a {typ.lower()} ({e}). "
+                           "The archive is damaged: restore it from git (git checkout -- FOLDER).") from e
+    return text
+
+
+def _read(path: Path, table: str, con: sqlite3.Connection) -> tuple[list[str], list[tuple]]:
+    types = _types(con, table)
+    opener = (lambda: gzip.open(path, "rt", newline="", encoding="utf-8")) if path.suffix == ".gz" \
+        else (lambda: open(path, newline="", encoding="utf-8"))
+    try:
+        with opener() as f:
+            rows = list(csv.reader(io.StringIO(f.read())))
+    except (OSError, EOFError, UnicodeDecodeError) as e:
+        raise ArchiveError(f"{path}: cannot read it ({e}). Restore it from git, or delete the archive folder to start over.") from e
+    if not rows:
+        raise ArchiveError(f"{path}: empty (no header row). Restore it from git, or delete the archive folder to start over.")
+    header, body = rows[0], rows[1:]
+    unknown = [c for c in header if c not in types]
+    if unknown or "run_id" not in header:
+        raise ArchiveError(f"{path}: column(s) {', '.join(unknown) or '(no run_id)'} are not in the store's {table} table "
+                           f"({', '.join(types)}). This is not an archive of this reprpo version's store.")
+    out = []
+    for i, r in enumerate(body, start=2):
+        if len(r) != len(header):
+            raise ArchiveError(f"{path}, line {i}: {len(r)} cells for {len(header)} columns. Restore it from git.")
+        out.append(tuple(_value(t, types[c], path=path, line=i, column=c) for t, c in zip(r, header)))
+    return header, out
+
+
+def archived_runs(folder: str | Path) -> int:
+    """How many runs the archive lists (0 if it has none)."""
+    p = table_file(Path(folder), "runs")
+    if not p.is_file():
+        return 0
+    with open(p, newline="", encoding="utf-8") as f:
+        return max(0, sum(1 for _ in csv.reader(f)) - 1)
+
+
+def import_runs(folder: str | Path, store_path: str | Path) -> tuple[list[str], list[str]]:
+    """Copy the archive's runs into the store; returns (imported, already done in the store).
+    An archive without runs.csv imports nothing."""
+    folder = Path(folder)
+    if not table_file(folder, "runs").is_file():
+        return [], []
+    with tempfile.TemporaryDirectory(prefix="reprpo-archive-") as tmp:
+        src = store.connect(Path(tmp) / "archive.sqlite")
+        try:
+            for table in TABLES:
+                path = table_file(folder, table)
+                if not path.is_file():
+                    raise ArchiveError(f"{folder}: runs.csv is there but {path.name} is not. Restore the folder from git.")
+                header, rows = _read(path, table, src)
+                if table == "runs":
+                    bad = [r for r in rows if r[header.index("status")] != "done"]
+                    if bad:
+                        raise ArchiveError(f"{path}: run {bad[0][header.index('run_id')]} has status "
+                                           f"{bad[0][header.index('status')]!r}; an archive holds done runs only.")
+                with store.transaction(src):
+                    src.executemany(f"INSERT INTO {table} ({', '.join(header)}) VALUES ({', '.join('?' * len(header))})", rows)
+            ids = [r[0] for r in src.execute("SELECT run_id FROM runs")]
+            dst = store.connect(store_path)
+            try:
+                return store.copy_runs(src, dst, ids)
+            finally:
+                dst.close()
+        finally:
+            src.close()
+
+
+# -- tuning trials ---------------------------------------------------------------------------
+def _journal(path: Path):
+    import optuna
+    from optuna.storages.journal import JournalFileBackend
+
+    return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+
+
+def export_trials(storage_path: str | Path, folder: str | Path) -> list[str]:
+    """Every study of the optuna SQLite storage, copied to FOLDER/tuning.journal (replaced)."""
+    import optuna
+
+    storage_path, folder = Path(storage_path), Path(folder)
+    if not storage_path.is_file():
+        return []
+    folder.mkdir(parents=True, exist_ok=True)
+    url = f"sqlite:///{storage_path}"
+    names = optuna.get_all_study_names(url)
+    tmp = folder / (JOURNAL + ".tmp")
+    tmp.unlink(missing_ok=True)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    journal = _journal(tmp)
+    for name in names:
+        optuna.copy_study(from_study_name=name, from_storage=url, to_storage=journal)
+    os.replace(tmp, folder / JOURNAL)
+    return names
+
+
+def import_trials(folder: str | Path, storage_path: str | Path) -> list[str]:
+    """The archived studies that the optuna storage lacks, copied into it; returns their names."""
+    import optuna
+
+    path = Path(folder) / JOURNAL
+    if not path.is_file():
+        return []
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        journal = _journal(path)
+        names = optuna.get_all_study_names(journal)
+    except Exception as e:  # optuna's own errors for a damaged log
+        raise ArchiveError(f"{path}: not a readable optuna journal ({type(e).__name__}: {e}). Restore it from git.") from e
+    storage_path = Path(storage_path)
+    storage_path.parent.mkdir(parents=True, exist_ok=True)
+    url = f"sqlite:///{storage_path}"
+    have = set(optuna.get_all_study_names(url))
+    new = [n for n in names if n not in have]
+    for name in new:
+        optuna.copy_study(from_study_name=name, from_storage=journal, to_storage=url)
+    return new
