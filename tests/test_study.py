@@ -76,6 +76,7 @@ def test_genies_study_files_read(genies_dir, tmp_path, monkeypatch):
     assert not set(s.validation.values()) & set(s.reported)
     g = load_study(TINY.parent / "genies-smollm2.yaml", out=tmp_path, profile="gpu")
     assert len(g.models) > 1 and len(g.seeds) > len(s.seeds) and g.base["model.dtype"] == "bfloat16"
+    assert s.archive == Path("docs/results/genies-smollm2") and g.archive != s.archive  # a GPU study's runs are not the CPU one's
     big = load_study(TINY.parent / "genies-1b-8b.yaml", out=tmp_path, profile="cpu")
     assert [m.name for m in big.models][0] == "meta-llama/Llama-3.2-1B-Instruct" and len(big.models) == 3
 

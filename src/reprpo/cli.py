@@ -417,8 +417,11 @@ def parser() -> argparse.ArgumentParser:
                                     "plan over the file's budget_hours unless --yes; then tune each method on its family's validation shift "
                                     "(optuna; a candidates group keeps its top k), compare every (model, method, reported shift, seed) with the "
                                     "tuned parameters (and the target-tuned runs), and write the report. Resumable after a kill at any point: "
-                                    "run the same command again (finished trials and done runs are kept). `reprpo study report FILE` re-renders "
-                                    "the reports only.")
+                                    "run the same command again (finished trials and done runs are kept). With the file's `archive:` folder, the "
+                                    "finished work is also written there as CSV tables and an optuna journal to commit, and read back first, so "
+                                    "a fresh checkout resumes too. `reprpo study report FILE` re-renders the verdict (and updates the archive). "
+                                    "The verdict: paired differences vs DPO per shift (bootstrap over seeds and pairs), the mean over shifts, "
+                                    "Holm across methods, a coherence gate, yes / no / can't tell per method.")
     sy.add_argument("study", nargs="+", metavar="FILE", help="the study file, or `report FILE`")
     sy.add_argument("--plan", action="store_true", help="print the plan and the measured ETA, run nothing")
     sy.add_argument("--yes", action="store_true", help="run even when the measured ETA is over the file's budget_hours")
