@@ -115,3 +115,25 @@ def test_tuning_trials_round_trip_through_the_journal(tmp_path):
     assert back.user_attrs == {"validated_on": "arc"} and back.direction == optuna.study.StudyDirection.MAXIMIZE
     assert archive.import_trials(tmp_path / "arch", tmp_path / "p.sqlite") == []  # already there: not copied twice
     assert len(optuna.load_study(study_name="dpo@arc", storage=f"sqlite:///{tmp_path / 'p.sqlite'}").trials) == 3
+
+
+def test_runs_that_read_a_changed_input_are_left_out(tmp_path, monkeypatch):
+    """An archived run names an SAE folder by path; once the folder's bytes change, the run is
+    not imported (it will be redone), the others are."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sae").mkdir()
+    (tmp_path / "sae" / "w.bin").write_bytes(b"\x00" * 8)
+    con = store.connect(tmp_path / "a.sqlite")
+    _run(con, "r1")
+    _run(con, "r2", method="fpo")
+    con.execute("UPDATE runs SET config_json = ? WHERE run_id = 'r2'", ('{"method": {"sae": "sae"}}',))
+    con.commit()
+    con.close()
+    archive.export_runs(tmp_path / "a.sqlite", tmp_path / "arch")
+    archive.record_inputs(tmp_path / "arch", ["sae", "not-there"])
+    assert archive.changed_inputs(tmp_path / "arch") == []
+    (tmp_path / "sae" / "w.bin").write_bytes(b"\x00" * 7 + b"\x01")
+    changed = archive.changed_inputs(tmp_path / "arch")
+    assert changed == ["sae"]
+    skip = lambda cj: any(f'"{p}"' in cj for p in changed)
+    assert archive.import_runs(tmp_path / "arch", tmp_path / "b.sqlite", skip=skip) == (["r1"], [])

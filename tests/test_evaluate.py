@@ -91,3 +91,29 @@ def test_auto_workers_per_device(monkeypatch):
     assert cpu_workers("cpu") == 2 and cpu_workers("cuda") == 1
     monkeypatch.setattr(torch, "get_num_threads", lambda: 32)
     assert cpu_workers("cpu") == 4
+
+
+def test_autocast_scoring_in_every_worker_and_its_own_base_cache(tiny, tmp_path, monkeypatch):
+    """eval.mixed_precision bf16: every worker thread scores under autocast (autocast is per
+    thread: entered only in the caller, 2 workers would score in fp32 and match fp32 exactly);
+    the scores are close to fp32's but not equal, integer columns stay integers, and base scores
+    from the reference cache are computed again under bf16 rather than read from the fp32 entry."""
+    import numpy as np
+
+    from reprpo.eval.scoring import evaluate_splits
+
+    monkeypatch.setenv("REPRPO_CACHE", str(tmp_path))
+    model, tok = tiny
+    pairs = [PreferencePair(f"Question {i}: " + "z" * (3 * i), " yes" * (i % 3 + 1), " no") for i in range(6)]
+    tp, _ = tokenize_pairs(pairs, tok, max_length=128, max_prompt_length=64)
+    fp32 = score_pairs(model, tp, pad_id=tok.pad_token_id, batch_size=2, workers=2)
+    bf16 = score_pairs(model, tp, pad_id=tok.pad_token_id, batch_size=2, workers=2, autocast=torch.bfloat16)
+    gap = (fp32.chosen_logp_sum - bf16.chosen_logp_sum).abs()
+    assert gap.min() > 0 and gap.max() < 0.5 and bf16.chosen_tokens.dtype == np.int64
+    kw = {"batch_size": 1, "with_adapter": False, "ref_cache": True, "progress": False}
+    _, a = evaluate_splits(model, tok, {"test": tp}, **kw)
+    _, b = evaluate_splits(model, tok, {"test": tp}, autocast=torch.bfloat16, **kw)
+    _, c = evaluate_splits(model, tok, {"test": tp}, autocast=torch.bfloat16, **kw)
+    assert (a.chosen_logp_sum - b.chosen_logp_sum).abs().min() > 0  # not the fp32 entry
+    pd.testing.assert_frame_equal(b, c)  # the bf16 entry, read back
+    assert (b.chosen_logp_sum - bf16.chosen_logp_sum).abs().max() < 0.1

@@ -158,6 +158,7 @@ class EvalConfig:
     after_train: bool = F(True, "`reprpo train` evaluates base vs adapter on the eval splits when done")
     per_pair_format: str = F("parquet", "per-pair score file format: parquet | csv")
     scorer: str = F("", "how a pair is scored (correct iff score margin > 0); empty = the method's own scorer (ℓ̄ margin for log-prob methods)")
+    mixed_precision: str = F("no", "score under autocast: no | bf16 | fp16 (weights stay as loaded; bf16 scored GENIES pairs in 0.71x fp32's time on this CPU, bench/scoring_bf16.py); base scores cached under fp32 are not reused")
 
 
 @dataclass

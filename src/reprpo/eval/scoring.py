@@ -30,7 +30,7 @@ from reprpo.progress import bar
 @torch.no_grad()
 def score_pairs(model, pairs: list[TokenizedPair], *, pad_id: int, batch_size: int = 8, device=None,
                 layout: Layout = PADDED, chunk: int = 2048, workers: int = 1, scorer: Scorer | None = None,
-                method=None, desc: str = "score", progress: bool = True) -> pd.DataFrame:
+                method=None, desc: str = "score", progress: bool = True, autocast: torch.dtype | None = None) -> pd.DataFrame:
     """Per-pair scores in the order of `pairs`: the scorer's columns (default `logp_mean`: log-prob
     sums and token counts of chosen and rejected, margin ℓ̄⁺ − ℓ̄⁻), then correctness.
 
@@ -40,7 +40,9 @@ def score_pairs(model, pairs: list[TokenizedPair], *, pad_id: int, batch_size: i
     thread each 1.31 pairs/s, one worker with two threads 1.07-1.10 (bench/results/w2-workers.txt);
     interleaved in one process the gain was 1-5% (bench/scoring_ab.py). Scores are the same.
     A progress bar `desc` counts the pairs (the workers update it; its update is locked).
-    `method`: the run's method object, for a scorer that reads it (`Scorer.needs_method`)."""
+    `method`: the run's method object, for a scorer that reads it (`Scorer.needs_method`).
+    `autocast`: score under torch.autocast of that dtype (`eval.mixed_precision`), entered in
+    each worker thread (autocast is per thread)."""
     device = device or next(model.parameters()).device
     scorer = scorer or SCORERS["logp_mean"]
     if scorer.needs_method and method is None:
@@ -63,7 +65,9 @@ def score_pairs(model, pairs: list[TokenizedPair], *, pad_id: int, batch_size: i
             except queue.Empty:
                 return
             batch = layout.collate([pairs[i] for i in idx], pad_id=pad_id).to(device)
-            cols = {k: v.tolist() for k, v in scorer.fn(model, batch, chunk=chunk, prefix_store=prefix_store, **kw).items()}
+            with torch.autocast(torch.device(device).type, dtype=autocast, enabled=autocast is not None):
+                out = scorer.fn(model, batch, chunk=chunk, prefix_store=prefix_store, **kw)
+            cols = {k: (v.float() if v.is_floating_point() else v).tolist() for k, v in out.items()}  # fp32 out of autocast
             for j, i in enumerate(idx):
                 rows[i] = {"pair": pairs[i].index} | {k: v[j] for k, v in cols.items()}
             pbar.update(len(idx))
@@ -180,7 +184,8 @@ def base_scorer(scorer: Scorer) -> Scorer:
 
 def evaluate_splits(model, tokenizer, splits: dict[str, list[TokenizedPair]], *, batch_size: int, with_adapter: bool = True,
                     layout: Layout = PADDED, ref_cache: bool = False, chunk: int = 2048, workers: int = 1,
-                    scorer: Scorer | None = None, method=None, progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
+                    scorer: Scorer | None = None, method=None, progress: bool = True,
+                    autocast: torch.dtype | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Score each split for `base` (adapter off) and, if present, `adapter` (`workers`: see score_pairs;
     base scores from the reference cache are computed in one thread, as its activation capture needs).
 
@@ -197,13 +202,16 @@ def evaluate_splits(model, tokenizer, splits: dict[str, list[TokenizedPair]], *,
             sc = base_scorer(scorer) if disable else scorer
             lay = {"layout": layout, "scorer": sc, "progress": progress, "desc": f"score {split} ({name})"}
             if disable and ref_cache and sc.from_logps is not None:
-                df = base_scores_cached(model, pairs, pad_id=pad, batch_size=batch_size, chunk=chunk, **lay)
+                # the cache is keyed by the autocast in force (model/refcache.py), so fp32 and bf16 scores never mix
+                with torch.autocast(next(model.parameters()).device.type, dtype=autocast, enabled=autocast is not None):
+                    df = base_scores_cached(model, pairs, pad_id=pad, batch_size=batch_size, chunk=chunk, **lay)
             elif disable:
                 with adapter_disabled(model):
-                    df = score_pairs(model, pairs, pad_id=pad, batch_size=batch_size, chunk=chunk, workers=workers, **lay)
+                    df = score_pairs(model, pairs, pad_id=pad, batch_size=batch_size, chunk=chunk, workers=workers,
+                                     autocast=autocast, **lay)
             else:
                 df = score_pairs(model, pairs, pad_id=pad, batch_size=batch_size, chunk=chunk, workers=workers,
-                                 method=method if sc.needs_method else None, **lay)
+                                 method=method if sc.needs_method else None, autocast=autocast, **lay)
             df.insert(0, "model", name)
             df.insert(0, "split", split)
             per_pair.append(df)
@@ -270,9 +278,15 @@ def scoring_setup(cfg, model, *, device_type: str) -> dict:
     from reprpo.methods.presets import scorer_of
     from reprpo.model.layout import build_layout
 
+    from reprpo.errors import ConfigError
+
+    dtypes = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if cfg.eval.mixed_precision not in dtypes:
+        raise ConfigError(f"eval.mixed_precision {cfg.eval.mixed_precision!r}: expected no, bf16 or fp16.")
     return {"layout": build_layout(cfg.speed, model, stage="score", device_type=device_type), "chunk": cfg.speed.logit_chunk,
             "batch_size": cfg.eval.batch_size or (1 if device_type == "cpu" else 8),
-            "workers": cfg.eval.workers or cpu_workers(device_type), "scorer": scorer_of(cfg)}
+            "workers": cfg.eval.workers or cpu_workers(device_type), "scorer": scorer_of(cfg),
+            "autocast": dtypes[cfg.eval.mixed_precision]}
 
 
 def run_method(cfg, model, run_dir: str | Path | None):

@@ -137,9 +137,10 @@ def archived_runs(folder: str | Path) -> int:
         return max(0, sum(1 for _ in csv.reader(f)) - 1)
 
 
-def import_runs(folder: str | Path, store_path: str | Path) -> tuple[list[str], list[str]]:
+def import_runs(folder: str | Path, store_path: str | Path, *, skip=None) -> tuple[list[str], list[str]]:
     """Copy the archive's runs into the store; returns (imported, already done in the store).
-    An archive without runs.csv imports nothing."""
+    An archive without runs.csv imports nothing. `skip(config_json) -> bool`: runs to leave out
+    (their settings read an input that has changed since: they are redone)."""
     folder = Path(folder)
     if not table_file(folder, "runs").is_file():
         return [], []
@@ -158,7 +159,7 @@ def import_runs(folder: str | Path, store_path: str | Path) -> tuple[list[str], 
                                            f"{bad[0][header.index('status')]!r}; an archive holds done runs only.")
                 with store.transaction(src):
                     src.executemany(f"INSERT INTO {table} ({', '.join(header)}) VALUES ({', '.join('?' * len(header))})", rows)
-            ids = [r[0] for r in src.execute("SELECT run_id FROM runs")]
+            ids = [rid for rid, cj in src.execute("SELECT run_id, config_json FROM runs") if not (skip and skip(cj))]
             dst = store.connect(store_path)
             try:
                 return store.copy_runs(src, dst, ids)
@@ -166,6 +167,48 @@ def import_runs(folder: str | Path, store_path: str | Path) -> tuple[list[str], 
                 dst.close()
         finally:
             src.close()
+
+
+# -- inputs read by path -------------------------------------------------------------------
+def fingerprint(path: str | Path) -> str:
+    """sha256 over a file, or over a folder's files (relative names and bytes, sorted)."""
+    import hashlib
+
+    p, h = Path(path), hashlib.sha256()
+    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+    for f in files:
+        h.update(str(f.relative_to(p) if p.is_dir() else f.name).encode() + b"\0")
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+INPUTS = "inputs.json"  # {path: sha256} of the files the archived runs' settings name (an SAE, ...)
+
+
+def changed_inputs(folder: str | Path) -> list[str]:
+    """Recorded input paths whose content differs now (missing ones count as changed)."""
+    import json
+
+    p = Path(folder) / INPUTS
+    if not p.is_file():
+        return []
+    rec = json.loads(p.read_text())
+    return [k for k, v in rec.items() if not Path(k).exists() or fingerprint(k) != v]
+
+
+def record_inputs(folder: str | Path, paths) -> dict[str, str]:
+    """Write FOLDER/inputs.json for the given existing paths (merged with earlier records of paths
+    not given now)."""
+    import json
+
+    p = Path(folder) / INPUTS
+    rec = json.loads(p.read_text()) if p.is_file() else {}
+    rec |= {str(k): fingerprint(k) for k in paths if Path(k).exists()}
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(json.dumps(rec, indent=1, sort_keys=True) + "\n")
+    return rec
 
 
 # -- tuning trials ---------------------------------------------------------------------------

@@ -646,24 +646,39 @@ def archive_dir(study: Study, model: Model) -> Path | None:
     return study.archive / model.slug if study.archive else None
 
 
+def input_paths(study: Study) -> list[str]:
+    """Settings of the file that name an existing file or folder (an SAE, ...): their content is
+    part of what an archived run used, so the archive records their fingerprints."""
+    values = list(study.base.values()) + [v for m in study.methods for v in m.set.values()] + \
+        [v for model in study.models for v in model.set.values()]
+    return sorted({v for v in values if isinstance(v, str) and v and Path(v).exists()})
+
+
 def restore(study: Study, *, log=write) -> None:
-    """Read the archive back: the tuning trials and the done runs the stores lack."""
-    from reprpo.experiments.archive import import_runs, import_trials
+    """Read the archive back: the tuning trials and the done runs the stores lack. Runs whose
+    settings name an input (a file the study file points at, e.g. an SAE) that has changed since
+    they were archived are not imported: they are redone."""
+    from reprpo.experiments.archive import changed_inputs, import_runs, import_trials
 
     for model in study.models:
         adir = archive_dir(study, model)
         if adir is None or not adir.is_dir():
             continue
         mdir = model_dir(study, model)
+        changed = changed_inputs(adir)
+        skip = (lambda cj, changed=changed: any(json.dumps(p) in cj for p in changed)) if changed else None
         studies = import_trials(adir, mdir / "tune" / "optuna.sqlite")
-        new, had = import_runs(adir, mdir / "results.sqlite")
+        new, had = import_runs(adir, mdir / "results.sqlite", skip=skip)
         log(f"archive {adir}: {len(new)} run(s) imported ({len(had)} already in the store), "
             f"{len(studies)} tuning study(ies) imported")
+        if changed:
+            log(f"archive {adir}: {', '.join(changed)} differ(s) from what the archived runs read (or is missing): "
+                "those runs are not imported and will be redone")
 
 
 def save(study: Study, model: Model, *, log=write) -> None:
-    """Write the model's tuning trials and done runs to the archive (nothing without one)."""
-    from reprpo.experiments.archive import export_runs, export_trials
+    """Write the model's tuning trials, done runs and input fingerprints to the archive."""
+    from reprpo.experiments.archive import export_runs, export_trials, record_inputs
 
     adir = archive_dir(study, model)
     if adir is None:
@@ -671,6 +686,7 @@ def save(study: Study, model: Model, *, log=write) -> None:
     mdir = model_dir(study, model)
     names = export_trials(mdir / "tune" / "optuna.sqlite", adir)
     n = export_runs(mdir / "results.sqlite", adir) if (mdir / "results.sqlite").is_file() else 0
+    record_inputs(adir, input_paths(study))
     sel = mdir / "tune" / "selection.yaml"
     if sel.is_file():
         (adir / "selection.yaml").write_text(sel.read_text())
