@@ -42,6 +42,7 @@ def main() -> None:
     _, splits = sources_of(cfg.data)
     pairs = prepare(splits["test"], tok, cfg.data, limit=args.pairs).tokenized
     kw = scoring_setup(cfg, model, device_type="cpu")
+    kw.pop("autocast")  # set per setting below
     score_pairs(model, pairs[:2], pad_id=tok.pad_token_id, progress=False, **kw)  # warm-up
     wall = {"fp32": 0.0, "bf16": 0.0}
     out = {"fp32": [], "bf16": []}
@@ -59,7 +60,7 @@ def main() -> None:
     n = len(a)
     flips = int((a.correct.to_numpy() != b.correct.to_numpy()).sum())
     gap = float((a.margin - b.margin).abs().max())
-    print(f"{n} pairs of {args.shift}/test, {kw['layout'].name if hasattr(kw['layout'], 'name') else 'layout'}, "
+    print(f"{n} pairs of {args.shift}/test, the study's layout, "
           f"{kw['workers']} worker(s), batch {kw['batch_size']}")
     for name in wall:
         print(f"  {name}: {n / wall[name]:.2f} pairs/s ({wall[name]:.1f} s)")
