@@ -275,10 +275,9 @@ def scoring_setup(cfg, model, *, device_type: str) -> dict:
     ask for (layout with the scoring kernel, batch size, chunk, workers, scorer). One rule for
     `evaluate_run` and `tune`; the layout is train()'s (`build_layout`), so a training reference
     cache of the same data is reused."""
+    from reprpo.errors import ConfigError
     from reprpo.methods.presets import scorer_of
     from reprpo.model.layout import build_layout
-
-    from reprpo.errors import ConfigError
 
     dtypes = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
     if cfg.eval.mixed_precision not in dtypes:

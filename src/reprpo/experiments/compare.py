@@ -337,8 +337,9 @@ class Tally:
 def run_grid(*, methods: list[str], shifts: list[str], seeds: list[int], base: RunConfig,
              store_path: str | Path, out_root: str | Path, overrides: dict[str, dict[str, Any]] | None = None,
              progress: bool = True, fail_fast: bool = False, target_tuned: str | None = None,
-             workers: int = 1, shard: tuple[int, int] | None = None) -> list[str]:
+             workers: int = 1, shard: tuple[int, int] | None = None, after_run=None) -> list[str]:
     """Run every (method, shift, seed) not yet done; returns the grid's run_ids in run order.
+    `after_run()`: called after each run that finishes (a study archives its store there).
 
     overrides: {method: {config key: value}} applied over `base` for that method only.
     Order: seeds outermost, so an interrupted grid has every method for its first seeds.
@@ -362,7 +363,7 @@ def run_grid(*, methods: list[str], shifts: list[str], seeds: list[int], base: R
     tally = Tally()
     if min(workers, len(grid)) > 1:  # more workers than runs: one per run
         run_workers(grid, workers=min(workers, len(grid)), store_path=store_path, out_root=Path(out_root),
-                    fail_fast=fail_fast, progress=progress, tally=tally)
+                    fail_fast=fail_fast, progress=progress, tally=tally, after_run=after_run)
     else:
         say = write if progress else (lambda *a, **k: None)  # write: a line that leaves the grid's bar intact
         con = store.connect(store_path)
@@ -378,6 +379,8 @@ def run_grid(*, methods: list[str], shifts: list[str], seeds: list[int], base: R
             if ev["event"] != "start":
                 tally.add(ev["event"], recurring=ev.get("recurring", False))
                 pbar.update(1)
+            if ev["event"] == "done" and after_run:
+                after_run()
 
         try:
             claim_and_run(grid, con=con, owner=store.owner_id(), fail_fast=fail_fast, emit=emit)
@@ -491,7 +494,7 @@ def _tail(path: Path, lines: int = 20) -> str:
 
 
 def run_workers(grid: list[tuple[str, RunConfig]], *, workers: int, store_path: str | Path, out_root: Path,
-                fail_fast: bool, progress: bool, tally: Tally) -> None:
+                fail_fast: bool, progress: bool, tally: Tally, after_run=None) -> None:
     """Train `grid` with `workers` processes sharing one store: each claims runs in grid order
     (`store.claim_run`, atomic) and skips those done or held by a live owner, so no run is
     trained twice. One bar over the grid here, counted from the workers' events; a run counts
@@ -549,6 +552,8 @@ def run_workers(grid: list[tuple[str, RunConfig]], *, workers: int, store_path: 
                 write(line, file=sys.stderr)
             elif line:
                 say(line)
+            if event == "done" and after_run:
+                after_run()
 
         def check_passed(i: int) -> None:
             if i in settled or len(heard[i]) < workers:

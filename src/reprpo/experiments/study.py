@@ -442,16 +442,17 @@ def speed_of(study: Study, model: Model, *, log=write) -> Speed:
     return sp
 
 
-def run_seconds(sp: Speed, sizes: dict[str, Any], kind: str) -> float:
+def run_seconds(sp: Speed, sizes: dict[str, Any], kind: str, *, base: bool = True) -> float:
     """One compared run: training, its reference pass, a model load, 4 splits x n_eval pairs
-    scored for base and adapter, the generation check (N_PROMPTS prompts, base and adapter)."""
+    scored for the adapter (and the base, with `base`: the base's scores are cached per shift, so
+    the plan counts them once per shift), the generation check (N_PROMPTS prompts, base and adapter)."""
     from reprpo.eval.coherence import N_PROMPTS
 
     d = to_flat(apply_overrides(RunConfig(), sizes, where="sizes"))
     n_eval = d["data.n_eval"] or 100
     gen = 0.0 if kind in NO_GENERATION else 2 * N_PROMPTS * sp.gen_s_per_prompt
     return (steps_of(sizes, training_free=kind in TRAINING_FREE) * sp.s_per_step + (d["data.n_train"] or 1000) * sp.ref_s_per_pair
-            + sp.overhead_s + sp.load_s + EVAL_SPLITS * 2 * n_eval / sp.pairs_per_s + gen)
+            + sp.overhead_s + sp.load_s + EVAL_SPLITS * (2 if base else 1) * n_eval / sp.pairs_per_s + gen)
 
 
 def trial_seconds(sp: Speed, sizes: dict[str, Any], kind: str) -> float:
@@ -560,13 +561,14 @@ def make_plan(study: Study, *, workers: int = 1, log=write) -> Plan:
         done = done_runs(mdir / "results.sqlite")
         sel = mdir / "tune" / "selection.yaml"
         kept = (yaml.safe_load(sel.read_text()) or {}).get("kept") if sel.is_file() else None  # a resumed study: the chosen ones
-        c_s = 0.0
+        c_s, based = 0.0, set()
         for label, kind in compared_labels(study, kept):
             for s in study.reported:
                 for seed in study.seeds:
                     if (label, s, seed) not in done:
                         runs_left += 1
-                        c_s += run_seconds(sp, study.sizes, kind)
+                        c_s += run_seconds(sp, study.sizes, kind, base=s not in based)
+                        based.add(s)
         par = min(workers, gpus) if sp.device == "cuda" and gpus else 1
         c_s /= max(1, par)
         eta += t_s + c_s
@@ -639,7 +641,8 @@ def compare_phase(study: Study, model: Model, sel: dict[str, Any], *, workers: i
     base = apply_overrides(RunConfig(), study.run_base(model, study.sizes), where=f"{study.path}: base")
     return run_grid(methods=labels, shifts=study.reported, seeds=study.seeds, base=base, store_path=mdir / "results.sqlite",
                     out_root=mdir / "runs", overrides={k: v for k, v in overrides.items() if v}, progress=True,
-                    target_tuned=study.target_tuned, workers=workers)
+                    target_tuned=study.target_tuned, workers=workers,
+                    after_run=lambda: save(study, model, log=lambda *a, **k: None))  # each finished run reaches the archive
 
 
 def archive_dir(study: Study, model: Model) -> Path | None:
