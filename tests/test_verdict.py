@@ -249,6 +249,14 @@ def test_missing_runs_are_reported(tables, store):
     ghost = t["summary"].set_index("method").loc["ghost"]
     assert ghost.answer == "can't tell" and ghost.shifts_used == 0 and math.isnan(ghost.p_holm)
     assert t["summary"].set_index("method").loc["good"].p_holm == pytest.approx(2 / 51)  # family of 1 with a p
+    # a partial study names its seeds: seed 3 (no run anywhere) is missing for every method and shift,
+    # the reference included; the seeds that have runs give the same differences as before
+    p = verdict_tables(store, n_boot=50, methods=["good"], seeds=[1, 2, 3])
+    m3 = p["missing"][p["missing"].seed == 3]
+    assert set(zip(m3.method, m3["shift"])) == {(m, s) for m in ("dpo", "good", "target:dpo") for s in ("sA", "sB")}
+    assert set(m3.status) == {"no run"}
+    q = verdict_tables(store, n_boot=50, methods=["good"])
+    assert p["per_shift"].d_oos.tolist() == q["per_shift"].d_oos.tolist()
 
 
 def test_reference_without_runs_is_a_clear_error(store):

@@ -600,7 +600,7 @@ def tune_phase(study: Study, model: Model) -> dict[str, Any]:
     for m in tuned_methods(study):
         res = run_tune(m.preset, shift=study.validation_of(m), trials=m.trials,
                        base=study.run_base(model, study.tune_sizes) | m.set, storage_path=mdir / "tune" / "optuna.sqlite",
-                       out=mdir / "tune")
+                       out=mdir / "tune", after_trial=lambda: save(study, model, log=lambda *a, **k: None))
         params[m.preset], values[m.preset] = res.params_path, res.best_value
     kept, ranking = select_kept(study, values)
     sel = {"validation": study.validation, "params": {k: str(v) for k, v in params.items()},
@@ -713,7 +713,7 @@ def report_phase(study: Study, model: Model, *, log=write) -> Path:
         kept = (yaml.safe_load(sel.read_text()) or {}).get("kept") if sel.is_file() else None
         labels = [lab for lab, _ in compared_labels(study, kept) if not lab.startswith("target:")]
         ref = "dpo" if "dpo" in labels else labels[0]  # the study's grid only: a store may hold older runs
-        text = render_verdict(mdir / "results.sqlite", out, reference=ref, shifts=study.reported, methods=labels)
+        text = render_verdict(mdir / "results.sqlite", out, reference=ref, shifts=study.reported, methods=labels, seeds=study.seeds)
     log(text)
     log(f"report for {model.name}: {out}")
     return out
@@ -733,9 +733,9 @@ def run_study(study: Study, *, yes: bool = False, plan_only: bool = False, repor
     restore(study, log=log)
     if report_only:
         for model in study.models:
+            save(study, model, log=log)  # the tuning trials too, when compare has not started
             if not (model_dir(study, model) / "results.sqlite").is_file():
                 raise ConfigError(f"study {study.name}: no results store for {model.name} at {model_dir(study, model)}; run `reprpo study {study.path}` first.")
-            save(study, model, log=log)
             report_phase(study, model, log=log)
         return 0
     plan = make_plan(study, workers=workers, log=log)

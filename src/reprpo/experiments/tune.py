@@ -154,10 +154,11 @@ def trial_config(method: str, base: dict[str, Any], params: dict[str, Any], *, o
 
 def run_tune(method: str, *, shift: str, trials: int, base: dict[str, Any] | None = None,
              storage_path: str | Path = "runs/tune/optuna.sqlite", study_name: str = "",
-             out: str | Path = "runs/tune", keep_adapters: bool = False, log=write) -> TuneResult:
+             out: str | Path = "runs/tune", keep_adapters: bool = False, log=write, after_trial=None) -> TuneResult:
     """Run trials until the study holds `trials` finished ones (a rerun resumes), save the best
     params to out/best_params_{method}.yaml and return them. A progress bar counts the trials
-    (each trial's own bars follow its `train.progress`, false unless the base config sets it)."""
+    (each trial's own bars follow its `train.progress`, false unless the base config sets it).
+    `after_trial()`: called after each finished trial (a study archives its trials there)."""
     import optuna
 
     from reprpo.eval.scoring import run_method
@@ -234,7 +235,8 @@ def run_tune(method: str, *, shift: str, trials: int, base: dict[str, Any] | Non
 
     if todo:
         with bar(total=todo, desc=f"tune {method}", unit="trial") as pbar:
-            study.optimize(objective, n_trials=todo, catch=(TrainingError,), callbacks=[lambda _study, _trial: pbar.update(1)])
+            study.optimize(objective, n_trials=todo, catch=(TrainingError,), callbacks=[lambda _study, _trial: pbar.update(1)]
+                           + ([lambda _study, _trial: after_trial()] if after_trial else []))
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if not done:
         raise ConfigError(f"study {study_name!r}: no completed trial (all pruned or failed); run more --trials.")

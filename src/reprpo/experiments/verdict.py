@@ -148,7 +148,7 @@ def coherence_runs(frames: dict[str, pd.DataFrame], *, ppl_max: float, repetitio
 
 def verdict_tables(store_path: str | Path, *, reference: str = "dpo", level: float = 0.95, n_boot: int = 2000, seed: int = 0,
                    ppl_max: float = PPL_MAX, repetition_max: float = REPETITION_MAX, shifts: list[str] | None = None,
-                   methods: list[str] | None = None) -> dict[str, pd.DataFrame]:
+                   methods: list[str] | None = None, seeds: list[int] | None = None) -> dict[str, pd.DataFrame]:
     """d(m, shift, split) = Δ_m − Δ_ref (pp; paired bootstrap over seeds and pairs), won/lost/tied, and per method
     the mean over shifts with Holm-adjusted p, the coherence gate and the answer (module docstring: ours, DESIGN §6).
 
@@ -157,14 +157,15 @@ def verdict_tables(store_path: str | Path, *, reference: str = "dpo", level: flo
     gate per run, "settings": thresholds and bootstrap settings (name, value, meaning), "runs":
     every run of the store without config_json, "split_scores": `report.run_table`}. The statistics
     are in the module docstring. `shifts` / `methods` default to every one in the store (methods:
-    every non-target method but the reference); the expected seeds are every seed in the store."""
+    every non-target method but the reference); `seeds`, the expected seeds, default to every
+    seed in the store (a study passes its own, so a partial study lists the seeds it lacks)."""
     frames, every, pairs = _read_store(store_path)
     alpha = 1.0 - level
     grid = every[~every.method.str.startswith(TARGET)]
     shifts = sorted(grid["shift"].unique()) if shifts is None else list(shifts)
     grid = grid[grid["shift"].isin(shifts)]
     methods = sorted(set(grid.method) - {reference}) if methods is None else [m for m in methods if m != reference]
-    seeds = sorted(int(s) for s in grid.seed.unique())
+    seeds = sorted(int(s) for s in grid.seed.unique()) if seeds is None else sorted(int(s) for s in seeds)
     runs = frames["runs"][frames["runs"]["shift"].isin(shifts)]
     if reference not in set(runs.method):
         raise ReprpoError(f"{store_path}: no finished runs of the reference method {reference!r} "
@@ -259,7 +260,7 @@ def verdict_tables(store_path: str | Path, *, reference: str = "dpo", level: flo
         ("holm family", ", ".join(methods), "across-shift Δoos p-values, one per method"),
         ("ppl_max", ppl_max, "chosen ppl ratio adapter/base above this on any split: incoherent"),
         ("repetition_max", repetition_max, "adapter generation repetition above this (and the base's): incoherent"),
-        ("seeds", ", ".join(map(str, seeds)), "expected seeds (every seed in the store)"),
+        ("seeds", ", ".join(map(str, seeds)), "expected seeds"),
         ("shifts", ", ".join(shifts), "shifts compared"),
     ], columns=["name", "value", "meaning"])
     return {"summary": summary, "per_shift": per_shift, "missing": missing, "coherence": gate, "settings": settings,
@@ -448,7 +449,7 @@ def export_csv(t: dict[str, pd.DataFrame], out: Path) -> list[Path]:
 
 def render_verdict(store_path: str | Path, out_dir: str | Path, *, reference: str = "dpo", level: float = 0.95,
                    n_boot: int = 2000, seed: int = 0, ppl_max: float = PPL_MAX, repetition_max: float = REPETITION_MAX,
-                   shifts: list[str] | None = None, methods: list[str] | None = None) -> str:
+                   shifts: list[str] | None = None, methods: list[str] | None = None, seeds: list[int] | None = None) -> str:
     """Write out_dir/verdict.md, forest.png, scatter.png and csv/*.csv; return the markdown.
     The keywords are `verdict_tables`'s."""
     import matplotlib
@@ -457,7 +458,7 @@ def render_verdict(store_path: str | Path, out_dir: str | Path, *, reference: st
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t = verdict_tables(store_path, reference=reference, level=level, n_boot=n_boot, seed=seed, ppl_max=ppl_max,
-                       repetition_max=repetition_max, shifts=shifts, methods=methods)
+                       repetition_max=repetition_max, shifts=shifts, methods=methods, seeds=seeds)
     images = {}
     ps = t["per_shift"]
     if len(ps) and np.isfinite(ps.d_oos).any():
