@@ -188,21 +188,28 @@ sys.exit(main(sys.argv[1:]))
 
 
 def test_study_resumes_after_kill_9_between_phases_and_inside_compare(tmp_path, capsys):
-    study = _variant(tmp_path, seeds=[1])
+    from reprpo.experiments import archive
+
+    study = _variant(tmp_path, seeds=[1], archive=str(tmp_path / "archive"))
     out = tmp_path / "study"
     mdir = out / "tiny-random"
+    adir = tmp_path / "archive" / "tiny-random"
     cmd = [sys.executable, "-c", KILLER, "study", str(study), "--out", str(out)]
     env = os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     r = subprocess.run(cmd, env=env | {"KILL_AT": "compare:0"}, capture_output=True, text=True)
     assert r.returncode == -9, r.stderr[-3000:]
     assert _trials(mdir / "tune" / "optuna.sqlite") == {"dpo@builtin:context": 2, "hs-none-prefvec@builtin:context": 2}
     assert not (mdir / "results.sqlite").exists()
+    # each finished trial reached the archive before the kill (a kill -9 runs no `finally`)
+    assert sorted(archive.import_trials(adir, tmp_path / "copy.sqlite")) == ["dpo@builtin:context", "hs-none-prefvec@builtin:context"]
+    assert _trials(tmp_path / "copy.sqlite") == _trials(mdir / "tune" / "optuna.sqlite")
 
     r = subprocess.run(cmd, env=env | {"KILL_AT": "run:3"}, capture_output=True, text=True)
     assert r.returncode == -9, r.stderr[-3000:]
     assert r.stdout.count("running 0 more") == 2  # the tuning trials were not redone
     before = _runs(mdir / "results.sqlite")
     assert sorted(x[3] for x in before) == ["done", "done", "running"]
+    assert archive.archived_runs(adir) == 2  # and each finished run
 
     assert main(["study", str(study), "--out", str(out)]) == 0
     text = capsys.readouterr().out
