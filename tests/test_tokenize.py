@@ -67,3 +67,27 @@ def test_collate_dtype_and_shapes():
     b = collate_pairs([TokenizedPair((1,), (2,), (3, 4), 7)], pad_id=0)
     assert b.input_ids.dtype == torch.long and b.input_ids.shape == (2, 3)
     assert b.n_pairs == 1
+
+
+def test_prepare_limit_counts_pairs_that_survive_tokenisation(tiny, tmp_path):
+    """10 rows, prompt "p" (1 token of the character tokenizer). At max_length 5 a response keeps
+    4 characters, so in rows 1, 2, 4, 5, 6 ("aaaax" vs "aaaay") chosen and rejected are cut to the
+    same tokens and dropped. limit 4 gives the first 4 surviving rows 0, 3, 7, 8 (9 rows read, 5
+    of them dropped), not the 2 survivors among the first 4 rows (the old rule); a limit above what
+    survives gives all of it (rows 0, 3, 7, 8, 9)."""
+    import json
+
+    from reprpo.config import DataConfig
+    from reprpo.data.prepare import prepare
+
+    _, tok = tiny
+    same = {1, 2, 4, 5, 6}
+    rows = [{"prompt": "p", "chosen": "aaaa" + ("x" if i in same else f"{i}"), "rejected": ("aaaa" + "y") if i in same else f"{i}bbbb"}
+            for i in range(10)]
+    (tmp_path / "d.json").write_text(json.dumps(rows))
+    data = DataConfig(max_length=5, max_prompt_length=1, append_eos=False)
+    got = prepare(str(tmp_path / "d.json"), tok, data, limit=4)
+    assert [p.index for p in got.tokenized] == [0, 3, 7, 8] and len(got.pairs) == 9
+    assert got.token_report.n_pairs == 9 and got.token_report.n_kept == 4 and sum(got.token_report.dropped.values()) == 5
+    every = prepare(str(tmp_path / "d.json"), tok, data, limit=50)
+    assert [p.index for p in every.tokenized] == [0, 3, 7, 8, 9]
