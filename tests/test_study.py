@@ -147,6 +147,8 @@ def test_tiny_study_end_to_end_and_budget_refusal(tmp_path, capsys):
         assert {lr for mm, lr in lrs if mm == m} == {round(tuned, 12)}
     report = tmp_path / "archive" / "tiny-random" / "report"
     assert any(report.iterdir()) and (out / "study.yaml").is_file()
+    tuning = (report / "tuning.md").read_text()  # every trial, and per method the best so far
+    assert "| dpo | context | 2/2 |" in tuning and "| hs-none-prefvec | context | 2/2 |" in tuning and "train.lr=" in tuning
 
     assert main(["study", str(tiny), "--out", str(out)]) == 0  # again: nothing is redone
     text = capsys.readouterr().out

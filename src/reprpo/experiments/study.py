@@ -696,11 +696,47 @@ def save(study: Study, model: Model, *, log=write) -> None:
     log(f"archive {adir}: {n} done run(s), {len(names)} tuning study(ies)")
 
 
+def tuning_markdown(study: Study, model: Model) -> str:
+    """Every tuning trial of `model` (from its optuna storage): per method the trials done of
+    those planned, the best validation objective so far, and each trial's values and parameters."""
+    import optuna
+
+    from reprpo.experiments.report import _md_table
+
+    storage = model_dir(study, model) / "tune" / "optuna.sqlite"
+    url = f"sqlite:///{storage}"
+    have = set(optuna.get_all_study_names(url)) if storage.is_file() else set()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    short = lambda sh: sh.rsplit(":", 1)[-1]
+    num = lambda v: f"{v:+.1f}" if isinstance(v, (int, float)) and math.isfinite(v) else "—"
+    best_rows, trial_rows = [], []
+    for m in tuned_methods(study):
+        name = f"{m.preset}@{study.validation_of(m)}"
+        trials = optuna.load_study(study_name=name, storage=url).trials if name in have else []
+        fin = [t for t in trials if t.state.name in ("COMPLETE", "PRUNED")]
+        done = [t for t in trials if t.state.name == "COMPLETE" and t.value is not None]
+        best = max(done, key=lambda t: t.value) if done else None
+        best_rows.append([m.preset, short(study.validation_of(m)), f"{len(fin)}/{m.trials}", num(best.value) if best else "—",
+                          ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in best.params.items()) if best else "—"])
+        for t in trials:
+            trial_rows.append([m.preset, str(t.number), t.state.name.lower(), num(t.value), num(t.user_attrs.get("train_delta_pp")),
+                               ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in t.params.items())])
+    L = [f"# Tuning: {study.name}, {model.name}", "",
+         "Objective: the oos accuracy gain (adapter − base, pp) on the method family's validation shift, never a reported "
+         f"shift; tuning sizes: {_sizes_text(study.tune_sizes)}. Pruned trials stopped after their train-split score.", ""]
+    L += _md_table(["method", "validation shift", "trials done", "best oos Δ pp", "best parameters"], best_rows) + [""]
+    L += ["## Every trial", ""]
+    L += _md_table(["method", "trial", "state", "oos Δ pp", "train Δ pp", "parameters"], trial_rows) + [""]
+    return "\n".join(L)
+
+
 def report_phase(study: Study, model: Model, *, log=write) -> Path:
     """Render the verdict (experiments/verdict.py) when it exists, else the report; with an
     archive, into ARCHIVE/MODEL/report (committed with the tables it is drawn from)."""
     mdir = model_dir(study, model)
     out = (archive_dir(study, model) or mdir) / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "tuning.md").write_text(tuning_markdown(study, model))
     try:
         from reprpo.experiments.verdict import render_verdict
     except ImportError:
@@ -734,6 +770,10 @@ def run_study(study: Study, *, yes: bool = False, plan_only: bool = False, repor
     if report_only:
         for model in study.models:
             save(study, model, log=log)  # the tuning trials too, when compare has not started
+            out = (archive_dir(study, model) or model_dir(study, model)) / "report"
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "tuning.md").write_text(tuning_markdown(study, model))
+            log(f"tuning so far: {out / 'tuning.md'}")
             if not (model_dir(study, model) / "results.sqlite").is_file():
                 raise ConfigError(f"study {study.name}: no results store for {model.name} at {model_dir(study, model)}; run `reprpo study {study.path}` first.")
             report_phase(study, model, log=log)
