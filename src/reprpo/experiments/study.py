@@ -775,6 +775,9 @@ def run_study(study: Study, *, yes: bool = False, plan_only: bool = False, repor
             (out / "tuning.md").write_text(tuning_markdown(study, model))
             log(f"tuning so far: {out / 'tuning.md'}")
             if not (model_dir(study, model) / "results.sqlite").is_file():
+                if (model_dir(study, model) / "tune" / "optuna.sqlite").is_file():
+                    log(f"{model.name}: no compared run yet (tuning comes first), so no verdict yet.")
+                    continue
                 raise ConfigError(f"study {study.name}: no results store for {model.name} at {model_dir(study, model)}; run `reprpo study {study.path}` first.")
             report_phase(study, model, log=log)
         return 0
