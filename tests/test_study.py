@@ -205,6 +205,8 @@ def test_study_resumes_after_kill_9_between_phases_and_inside_compare(tmp_path, 
     # each finished trial reached the archive before the kill (a kill -9 runs no `finally`)
     assert sorted(archive.import_trials(adir, tmp_path / "copy.sqlite")) == ["dpo@builtin:context", "hs-none-prefvec@builtin:context"]
     assert _trials(tmp_path / "copy.sqlite") == _trials(mdir / "tune" / "optuna.sqlite")
+    assert main(["study", "report", str(study), "--out", str(out)]) == 0  # tuned, nothing compared: the tuning table
+    assert "no compared run yet" in capsys.readouterr().out and "| dpo | context | 2/2 |" in (adir / "report" / "tuning.md").read_text()
 
     r = subprocess.run(cmd, env=env | {"KILL_AT": "run:3"}, capture_output=True, text=True)
     assert r.returncode == -9, r.stderr[-3000:]
