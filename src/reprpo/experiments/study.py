@@ -333,7 +333,7 @@ def check_inputs(study: Study) -> None:
             cfg = resolve_config((f"{study.path}: base", study.run_base(model, study.sizes)), (f"{study.path}: {m.preset} set", m.set),
                                  method=m.preset)
             if m.trials and not m.group and not methods.search_space(cfg):
-                m.trials = 0  # nothing to search (probe-mms): its preset values, no trials spent
+                m.trials = 0  # nothing to search (probe-mms): its preset values, no trials spent (also `searchable`)
             if cfg.method.sae and not Path(cfg.method.sae).exists():
                 raise ConfigError(f"{study.path}: {m.preset}: method.sae {cfg.method.sae} not found; train it first "
                                   f"(`reprpo sae train --out {cfg.method.sae} ...`, README 'FPO') or drop {m.preset}.")
@@ -696,6 +696,15 @@ def save(study: Study, model: Model, *, log=write) -> None:
     log(f"archive {adir}: {n} done run(s), {len(names)} tuning study(ies)")
 
 
+def searchable(study: Study, model: Model, m: Method) -> bool:
+    """Does the method have hyper-parameters to search (probe-mms has none: check_inputs sets its trials to 0)?"""
+    from reprpo import methods
+    from reprpo.methods import resolve_config
+
+    cfg = resolve_config(("study base", study.run_base(model, study.sizes)), ("method set", m.set), method=m.preset)
+    return bool(m.group or methods.search_space(cfg))
+
+
 def tuning_markdown(study: Study, model: Model) -> str:
     """Every tuning trial of `model` (from its optuna storage): per method the trials done of
     those planned, the best validation objective so far, and each trial's values and parameters."""
@@ -711,6 +720,9 @@ def tuning_markdown(study: Study, model: Model) -> str:
     num = lambda v: f"{v:+.1f}" if isinstance(v, (int, float)) and math.isfinite(v) else "—"
     best_rows, trial_rows = [], []
     for m in tuned_methods(study):
+        if not searchable(study, model, m):
+            best_rows.append([m.preset, "—", "0 (nothing to tune: preset values)", "—", "—"])
+            continue
         name = f"{m.preset}@{study.validation_of(m)}"
         trials = optuna.load_study(study_name=name, storage=url).trials if name in have else []
         fin = [t for t in trials if t.state.name in ("COMPLETE", "PRUNED")]
