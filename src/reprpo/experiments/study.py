@@ -731,7 +731,8 @@ def tuning_markdown(study: Study, model: Model) -> str:
         best_rows.append([m.preset, short(study.validation_of(m)), f"{len(fin)}/{m.trials}", num(best.value) if best else "—",
                           ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in best.params.items()) if best else "—"])
         for t in trials:
-            trial_rows.append([m.preset, str(t.number), t.state.name.lower(), num(t.value), num(t.user_attrs.get("train_delta_pp")),
+            oos = t.value if t.state.name == "COMPLETE" else None  # a pruned trial's value is its train Δ (optuna's last report)
+            trial_rows.append([m.preset, str(t.number), t.state.name.lower(), num(oos), num(t.user_attrs.get("train_delta_pp")),
                                ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in t.params.items())])
     L = [f"# Tuning: {study.name}, {model.name}", "",
          "Objective: the oos accuracy gain (adapter − base, pp) on the method family's validation shift, never a reported "
