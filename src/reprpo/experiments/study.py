@@ -321,7 +321,6 @@ def check_inputs(study: Study) -> None:
     """Every shift resolves and its data exists; every run config resolves (preset values,
     fixed overrides); an SAE a method names exists. Before anything is measured or trained.
     A method with an empty search space (probe-mms) gets 0 trials."""
-    from reprpo import methods
     from reprpo.data.shifts import check_sources, resolve_shift
     from reprpo.methods import resolve_config
 
@@ -332,8 +331,8 @@ def check_inputs(study: Study) -> None:
         for m in study.methods:
             cfg = resolve_config((f"{study.path}: base", study.run_base(model, study.sizes)), (f"{study.path}: {m.preset} set", m.set),
                                  method=m.preset)
-            if m.trials and not m.group and not methods.search_space(cfg):
-                m.trials = 0  # nothing to search (probe-mms): its preset values, no trials spent (also `searchable`)
+            if m.trials and not searchable(study, model, m):
+                m.trials = 0  # nothing to search (probe-mms): its preset values, no trials spent
             if cfg.method.sae and not Path(cfg.method.sae).exists():
                 raise ConfigError(f"{study.path}: {m.preset}: method.sae {cfg.method.sae} not found; train it first "
                                   f"(`reprpo sae train --out {cfg.method.sae} ...`, README 'FPO') or drop {m.preset}.")
