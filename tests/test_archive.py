@@ -117,6 +117,23 @@ def test_tuning_trials_round_trip_through_the_journal(tmp_path):
     assert len(optuna.load_study(study_name="dpo@arc", storage=f"sqlite:///{tmp_path / 'p.sqlite'}").trials) == 3
 
 
+def test_the_journal_is_the_same_bytes_when_the_trials_are_the_same(tmp_path):
+    """optuna's journal names a random worker id on every line; the archive writes one fixed id,
+    so saving unchanged trials again leaves the committed file byte-identical (no git diff)."""
+    url = f"sqlite:///{tmp_path / 'o.sqlite'}"
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    s = optuna.create_study(study_name="dpo@arc", storage=url, direction="maximize")
+    s.optimize(lambda t: t.suggest_float("train.lr", 1e-5, 1e-2, log=True), n_trials=2)
+    j = tmp_path / "arch" / archive.JOURNAL
+    archive.export_trials(tmp_path / "o.sqlite", tmp_path / "arch")
+    first = j.read_bytes()
+    archive.export_trials(tmp_path / "o.sqlite", tmp_path / "arch")
+    assert j.read_bytes() == first
+    assert archive.import_trials(tmp_path / "arch", tmp_path / "p.sqlite") == ["dpo@arc"]  # still a valid journal
+    back = optuna.load_study(study_name="dpo@arc", storage=f"sqlite:///{tmp_path / 'p.sqlite'}")
+    assert [t.params for t in back.trials] == [t.params for t in s.trials]
+
+
 def test_runs_that_read_a_changed_input_are_left_out(tmp_path, monkeypatch):
     """An archived run names an SAE folder by path; once the folder's bytes change, the run is
     not imported (it will be redone), the others are."""

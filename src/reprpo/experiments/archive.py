@@ -24,6 +24,7 @@ from __future__ import annotations
 import csv
 import gzip
 import io
+import json
 import math
 import os
 import sqlite3
@@ -36,6 +37,7 @@ from reprpo.experiments import store
 TABLES = ("runs", *store.RESULT_TABLES)
 GZIPPED = ("pair_scores", "curves")  # the long tables
 JOURNAL = "tuning.journal"
+ARCHIVE_WORKER = "reprpo-archive"  # the worker id of every line of an exported journal
 
 
 class ArchiveError(ReprpoError):
@@ -189,7 +191,6 @@ INPUTS = "inputs.json"  # {path: sha256} of the files the archived runs' setting
 
 def changed_inputs(folder: str | Path) -> list[str]:
     """Recorded input paths whose content differs now (missing ones count as changed)."""
-    import json
 
     p = Path(folder) / INPUTS
     if not p.is_file():
@@ -201,7 +202,6 @@ def changed_inputs(folder: str | Path) -> list[str]:
 def record_inputs(folder: str | Path, paths) -> dict[str, str]:
     """Write FOLDER/inputs.json for the given existing paths (merged with earlier records of paths
     not given now)."""
-    import json
 
     p = Path(folder) / INPUTS
     rec = json.loads(p.read_text()) if p.is_file() else {}
@@ -235,6 +235,10 @@ def export_trials(storage_path: str | Path, folder: str | Path) -> list[str]:
     journal = _journal(tmp)
     for name in names:
         optuna.copy_study(from_study_name=name, from_storage=url, to_storage=journal)
+    del journal
+    # optuna writes a random worker id on every line: one fixed id keeps unchanged trials the same bytes
+    lines = [json.loads(line) for line in tmp.read_text().splitlines() if line.strip()]
+    tmp.write_text("".join(json.dumps({**d, "worker_id": ARCHIVE_WORKER}, separators=(",", ":")) + "\n" for d in lines))
     os.replace(tmp, folder / JOURNAL)
     return names
 
