@@ -255,6 +255,8 @@ def test_missing_runs_are_reported(tables, store):
     m3 = p["missing"][p["missing"].seed == 3]
     assert set(zip(m3.method, m3["shift"])) == {(m, s) for m in ("dpo", "good", "target:dpo") for s in ("sA", "sB")}
     assert set(m3.status) == {"no run"}
+    # the summary names them once per group of shifts with the same seeds, not one entry per run
+    assert p["summary"].set_index("method").loc["good"].missing == "seed 3 @ sA, sB (no run)"
     q = verdict_tables(store, n_boot=50, methods=["good"])
     assert p["per_shift"].d_oos.tolist() == q["per_shift"].d_oos.tolist()
 

@@ -243,7 +243,7 @@ def verdict_tables(store_path: str | Path, *, reference: str = "dpo", level: flo
                 "wins_not_counted": counted.count("won (not counted: incoherent)"),
                 "coherent": all(coh) if coh else None}
         miss = missing[missing.method == m]
-        row["missing"] = ", ".join(f"seed {r.seed} @ {r.shift} ({r.status})" for r in miss.itertuples())
+        row["missing"] = _missing_text(miss)
         summary.append(row)
     summary = pd.DataFrame(summary, columns=None if summary else ["method", "p_oos"])
     if len(summary):
@@ -356,6 +356,23 @@ def _f(v: float, fmt: str) -> str:
     return format(v, fmt) if math.isfinite(v) else "—"
 
 
+def _missing_cells(miss: pd.DataFrame, *by: str) -> dict[tuple, tuple[int, ...]]:
+    """(*by, shift, status) -> the sorted seeds missing there, in the order of `miss`."""
+    cells: dict[tuple, list[int]] = {}
+    for r in miss.to_dict("records"):
+        cells.setdefault((*(r[b] for b in by), r["shift"], r["status"]), []).append(int(r["seed"]))
+    return {k: tuple(sorted(v)) for k, v in cells.items()}
+
+
+def _missing_text(miss: pd.DataFrame) -> str:
+    """One method's missing runs, shifts with the same seeds together: 'seeds 2, 3 @ sA, sB (no run); seed 1 @ sC (failed)'."""
+    groups: dict[tuple, list[str]] = {}
+    for (sh, st), seeds in _missing_cells(miss).items():
+        groups.setdefault((st, seeds), []).append(sh)
+    return "; ".join(f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))} @ {', '.join(shs)} ({st})"
+                     for (st, seeds), shs in groups.items())
+
+
 def _p(p: float) -> str:
     return "—" if not math.isfinite(p) else f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"
 
@@ -420,7 +437,11 @@ def verdict_markdown(t: dict[str, pd.DataFrame], *, store_path: str | Path, imag
     if len(miss):
         L += [f"{len(miss)} expected (method, shift, seed) have no finished run; their seeds are left out of that cell's pairing "
               "(a reference seed missing removes that seed from every method's comparison at that shift):", ""]
-        L += _md_table(["method", "shift", "seed", "status"], [[r.method, r.shift, str(r.seed), r.status] for r in miss.itertuples()])
+        groups: dict[tuple, list[str]] = {}  # (shift, seeds, status) -> the methods missing exactly those
+        for (m, sh, st), seeds in _missing_cells(miss, "method").items():
+            groups.setdefault((sh, seeds, st), []).append(m)
+        L += _md_table(["method", "shift", "seed", "status"],
+                       [[", ".join(ms), sh, ", ".join(map(str, seeds)), st] for (sh, seeds, st), ms in groups.items()])
     else:
         L += ["None: every method has a finished run for every (shift, seed)."]
     L += ["", "## Settings", ""]
