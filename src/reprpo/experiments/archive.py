@@ -191,7 +191,6 @@ INPUTS = "inputs.json"  # {path: sha256} of the files the archived runs' setting
 
 def changed_inputs(folder: str | Path) -> list[str]:
     """Recorded input paths whose content differs now (missing ones count as changed)."""
-
     p = Path(folder) / INPUTS
     if not p.is_file():
         return []
@@ -202,7 +201,6 @@ def changed_inputs(folder: str | Path) -> list[str]:
 def record_inputs(folder: str | Path, paths) -> dict[str, str]:
     """Write FOLDER/inputs.json for the given existing paths (merged with earlier records of paths
     not given now)."""
-
     p = Path(folder) / INPUTS
     rec = json.loads(p.read_text()) if p.is_file() else {}
     rec |= {str(k): fingerprint(k) for k in paths if Path(k).exists()}
@@ -235,7 +233,6 @@ def export_trials(storage_path: str | Path, folder: str | Path) -> list[str]:
     journal = _journal(tmp)
     for name in names:
         optuna.copy_study(from_study_name=name, from_storage=url, to_storage=journal)
-    del journal
     # optuna writes a random worker id on every line: one fixed id keeps unchanged trials the same bytes
     lines = [json.loads(line) for line in tmp.read_text().splitlines() if line.strip()]
     tmp.write_text("".join(json.dumps({**d, "worker_id": ARCHIVE_WORKER}, separators=(",", ":")) + "\n" for d in lines))
