@@ -44,14 +44,14 @@ def _insert_run(con, rid, method, shift, seed, status="done"):
                 (rid, method, shift, seed, status, json.dumps({"train": {"seed": seed}}), 1000.0 + seed, 1001.0 + seed))
 
 
-def build_store(path):
+def build_store(path, shifts=SHIFTS):
     con = sqlite3.connect(path)
     con.executescript(SCHEMA)
-    for shift in SHIFTS:
+    for shift in shifts:
         for seed in SEEDS:
             for method, right in OOS_RIGHT.items():
                 rid = f"{method}|{shift}|{seed}"
-                if method == "worse" and shift == "sB" and seed == 2:
+                if method == "worse" and shift == shifts[1] and seed == 2:
                     _insert_run(con, rid, method, shift, seed, status="failed")
                     continue
                 _insert_run(con, rid, method, shift, seed)
@@ -293,3 +293,23 @@ def test_render_verdict_writes_markdown_plots_and_csv(store, tmp_path):
     assert "config_json" not in runs and len(runs) == 2 * 2 * 6  # 5 methods + target, one failed included
     assert len(pd.read_csv(out / "csv" / "verdict_per_shift.csv")) == 4 * 2
     assert {"split_scores.csv", "verdict_summary.csv", "coherence_runs.csv", "missing.csv"} <= {p.name for p in (out / "csv").iterdir()}
+
+
+def test_shifts_of_one_file_are_named_once(tmp_path):
+    """Every shift FILE:NAME of one FILE: the page names the file once in its header and the shifts by
+    name everywhere else (headings, missing runs, plots); the settings table keeps the full specs."""
+    from reprpo.experiments.verdict import render_verdict, shift_labels
+
+    assert shift_labels(["d/shifts.json:sA", "d/shifts.json:sB"]) == ("d/shifts.json", {"d/shifts.json:sA": "sA", "d/shifts.json:sB": "sB"})
+    for mixed in (["a.json:sA", "b.json:sB"], ["a.json:sA", "sB"], ["sA", "sB"], []):
+        assert shift_labels(mixed) == (None, {s: s for s in mixed}), mixed
+    store = tmp_path / "results.sqlite"
+    build_store(store, shifts=("d/shifts.json:sA", "d/shifts.json:sB"))
+    md = render_verdict(store, tmp_path / "v", n_boot=B)
+    assert "shifts of `d/shifts.json`: sA, sB ·" in md
+    for needle in ("## Shift `sA`", "## Shift `sB`", "| worse | sB | 2 | failed |", "seed 2 @ sB (failed)",
+                   "| shifts | d/shifts.json:sA, d/shifts.json:sB |"):
+        assert needle in md, needle
+    assert md.count("d/shifts.json:") == 2  # the settings row only
+    good = next(line for line in md.splitlines() if line.startswith("| good |"))
+    assert "+50.0 [" in good and "**yes**" in good

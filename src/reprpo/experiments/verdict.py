@@ -364,11 +364,22 @@ def _missing_cells(miss: pd.DataFrame, *by: str) -> dict[tuple, tuple[int, ...]]
     return {k: tuple(sorted(v)) for k, v in cells.items()}
 
 
-def _missing_text(miss: pd.DataFrame) -> str:
+def shift_labels(specs) -> tuple[str | None, dict[str, str]]:
+    """(the one shifts file, {spec: its name}) when every spec is FILE:NAME of one FILE, so a page can
+    name the file once; else (None, {spec: spec})."""
+    specs = list(dict.fromkeys(specs))
+    parts = [s.rsplit(":", 1) for s in specs]
+    files = {p[0] for p in parts if len(p) == 2}
+    if specs and len(files) == 1 and all(len(p) == 2 and p[1] for p in parts):
+        return files.pop(), {s: p[1] for s, p in zip(specs, parts)}
+    return None, {s: s for s in specs}
+
+
+def _missing_text(miss: pd.DataFrame, label: dict[str, str] | None = None) -> str:
     """One method's missing runs, shifts with the same seeds together: 'seeds 2, 3 @ sA, sB (no run); seed 1 @ sC (failed)'."""
     groups: dict[tuple, list[str]] = {}
     for (sh, st), seeds in _missing_cells(miss).items():
-        groups.setdefault((st, seeds), []).append(sh)
+        groups.setdefault((st, seeds), []).append((label or {}).get(sh, sh))
     return "; ".join(f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))} @ {', '.join(shs)} ({st})"
                      for (st, seeds), shs in groups.items())
 
@@ -386,8 +397,11 @@ def verdict_markdown(t: dict[str, pd.DataFrame], *, store_path: str | Path, imag
     s, ps, st = t["summary"], t["per_shift"], dict(zip(t["settings"].name, t["settings"].value))
     ref, level = st["reference"], float(st["level"])
     pct = f"{100 * level:.0f}%"
+    miss = t["missing"]
+    src, label = shift_labels([*ps.get("shift", []), *miss["shift"], *t["coherence"].get("shift", [])])
+    shifts_text = (f"shifts of `{src}`: " + ", ".join(label.values())) if src else f"shifts: {st['shifts'] or '—'}"
     L = [f"# Verdict: does each method generalise better than {ref}?", "",
-         f"Store `{store_path}` · shifts: {st['shifts'] or '—'} · seeds: {st['seeds'] or '—'} · "
+         f"Store `{store_path}` · {shifts_text} · seeds: {st['seeds'] or '—'} · "
          f"{st['n_boot']} bootstrap replicates (seed {st['seed']}) · {pct} intervals · α = {st['alpha']:g} (Holm over methods)", ""]
     L += _md_table(["method", f"mean Δoos vs {ref} pp [{pct} CI]", "shifts won/lost/tied", "Holm p", "coherent", "answer"],
                    [[r.method, _ci(r.mean_d_oos, r.mean_d_oos_lo, r.mean_d_oos_hi),
@@ -404,11 +418,12 @@ def verdict_markdown(t: dict[str, pd.DataFrame], *, store_path: str | Path, imag
         L += ["## Across shifts, details", ""]
         L += _md_table(["method", "shifts used", f"mean Δtest vs {ref} pp [{pct} CI]", "p (Δoos)", "Holm p", "missing runs"],
                        [[r.method, f"{r.shifts_used}/{r.shifts}", _ci(r.mean_d_test, r.mean_d_test_lo, r.mean_d_test_hi),
-                         _p(r.p_oos), _p(r.p_holm), r.missing or "none"] for r in s.itertuples()])
+                         _p(r.p_oos), _p(r.p_holm), _missing_text(miss[miss.method == r.method], label) or "none"]
+                        for r in s.itertuples()])
         L.append("")
     for sh in dict.fromkeys(ps["shift"]) if len(ps) else []:
         c = ps[ps["shift"] == sh]
-        L += [f"## Shift `{sh}`", "",
+        L += [f"## Shift `{label[sh]}`", "",
               f"{ref}: Δoos {_f(c.ref_d_oos.iloc[0], '+.1f')} pp, Δtest {_f(c.ref_d_test.iloc[0], '+.1f')} pp (mean over seeds). "
               "pairs = matched eval pairs summed over seeds (dropped: in one run only).", ""]
         L += _md_table(["method", "seeds", "pairs (dropped)", "Δoos pp", f"Δoos vs {ref} [{pct}]", "p", f"Δtest vs {ref} [{pct}]",
@@ -427,12 +442,11 @@ def verdict_markdown(t: dict[str, pd.DataFrame], *, store_path: str | Path, imag
           f"{st['repetition_max']:g} (and above the base's), makes a run incoherent; its (method, shift) cell and its method with it. "
           f"Runs over a threshold: {len(bad)} of {len(co)}.", ""]
     if len(bad):
-        L += _md_table(["method", "shift", "seed", "why"], [[r.method, r.shift, str(r.seed), r.why] for r in bad.itertuples()])
+        L += _md_table(["method", "shift", "seed", "why"], [[r.method, label[r.shift], str(r.seed), r.why] for r in bad.itertuples()])
         L.append("")
     rb = bad[bad.method == ref]
     if len(rb):
-        L += [f"The reference {ref} itself crosses a threshold at {', '.join(sorted(set(rb['shift'])))}: differences there compare against an incoherent baseline.", ""]
-    miss = t["missing"]
+        L += [f"The reference {ref} itself crosses a threshold at {', '.join(sorted({label[x] for x in rb['shift']}))}: differences there compare against an incoherent baseline.", ""]
     L += ["## Missing runs", ""]
     if len(miss):
         L += [f"{len(miss)} expected (method, shift, seed) have no finished run; their seeds are left out of that cell's pairing "
@@ -441,7 +455,7 @@ def verdict_markdown(t: dict[str, pd.DataFrame], *, store_path: str | Path, imag
         for (m, sh, st), seeds in _missing_cells(miss, "method").items():
             groups.setdefault((sh, seeds, st), []).append(m)
         L += _md_table(["method", "shift", "seed", "status"],
-                       [[", ".join(ms), sh, ", ".join(map(str, seeds)), st] for (sh, seeds, st), ms in groups.items()])
+                       [[", ".join(ms), label[sh], ", ".join(map(str, seeds)), st] for (sh, seeds, st), ms in groups.items()])
     else:
         L += ["None: every method has a finished run for every (shift, seed)."]
     L += ["", "## Settings", ""]
@@ -481,7 +495,8 @@ def render_verdict(store_path: str | Path, out_dir: str | Path, *, reference: st
     t = verdict_tables(store_path, reference=reference, level=level, n_boot=n_boot, seed=seed, ppl_max=ppl_max,
                        repetition_max=repetition_max, shifts=shifts, methods=methods, seeds=seeds)
     images = {}
-    ps = t["per_shift"]
+    _, label = shift_labels(t["per_shift"].get("shift", []))
+    ps = t["per_shift"].assign(shift=t["per_shift"]["shift"].map(label)) if len(t["per_shift"]) else t["per_shift"]  # plots: short names
     if len(ps) and np.isfinite(ps.d_oos).any():
         plot_forest(ps, t["summary"], out / "forest.png", reference=reference, level=level)
         images[f"Paired Δoos differences vs {reference}"] = "forest.png"
