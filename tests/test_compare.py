@@ -120,13 +120,13 @@ def test_bad_grid_fails_before_any_run(tmp_path):
 def test_connect_adds_new_columns_to_an_old_store(tmp_path):
     path = tmp_path / "old.sqlite"
     con = sqlite3.connect(path)
-    con.executescript(store.SCHEMA)  # the first schema: no owner / eval_seconds
+    con.executescript(store.SCHEMA)  # the first schema: no owner / eval_seconds / code_version
     con.close()
     con = store.connect(path)
     store.connect(path).close()  # a second connect finds them and adds nothing
     cols = {r[1] for r in con.execute("PRAGMA table_info(runs)")}
     con.close()
-    assert {"owner", "eval_seconds"} <= cols
+    assert {"owner", "eval_seconds", "code_version"} <= cols
 
 
 # -- the grid and the store ------------------------------------------------------------------
@@ -139,6 +139,9 @@ def test_grid_fills_store_and_rerun_skips(tmp_path, capsys):
     n = con.execute("SELECT SUM(n) FROM split_scores").fetchone()[0]
     assert n == c["pair_scores"]  # every scored pair is in pair_scores
     assert con.execute("SELECT COUNT(*) FROM runs WHERE train_seconds > 0 AND eval_seconds > 0 AND finished > created").fetchone()[0] == 4
+    from reprpo.checkpoint import code_version  # each run names the source that computed it
+
+    assert con.execute("SELECT DISTINCT code_version FROM runs").fetchall() == [(code_version(),)]
     finished = con.execute("SELECT run_id, finished FROM runs ORDER BY run_id").fetchall()
     assert {r[0] for r in con.execute("SELECT DISTINCT method FROM runs")} == set(METHODS)
     capsys.readouterr()

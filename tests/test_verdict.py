@@ -283,6 +283,7 @@ def test_render_verdict_writes_markdown_plots_and_csv(store, tmp_path):
     blow = next(line for line in lines[first:] if line.startswith("| blowup |"))
     assert "0/0/0 (+2 won, not counted: incoherent)" in blow and "**no**" in blow
     for needle in ("## Shift `sA`", "## Coherence gate", "> 2 on any split", "## Missing runs", "| worse | sB | 2 | failed |",
+                   "| code versions | unknown (23) |",  # the hand-made store records none: 5 × 2 × 2 − 1 failed + 4 target
                    "| n_boot | 500 |", "| seeds | 1, 2 |", "forest.png", "scatter.png", "0.625"):
         assert needle in md, needle
     for png in ("forest.png", "scatter.png"):
@@ -313,3 +314,21 @@ def test_shifts_of_one_file_are_named_once(tmp_path):
     assert md.count("d/shifts.json:") == 2  # the settings row only
     good = next(line for line in md.splitlines() if line.startswith("| good |"))
     assert "+50.0 [" in good and "**yes**" in good
+
+
+def test_the_code_versions_of_the_runs_are_named(tmp_path):
+    """Runs that recorded the source that computed them are counted per version, the rest as
+    unknown: 23 done runs, 10 of them marked v1 and 3 v2 → 'unknown (10), v1 (10), v2 (3)' (most first, ties by name)."""
+    from reprpo.experiments import store as st
+    from reprpo.experiments.verdict import verdict_tables
+
+    path = tmp_path / "results.sqlite"
+    build_store(path)
+    con = st.connect(path)  # adds the code_version column
+    done = [r for (r,) in con.execute("SELECT run_id FROM runs WHERE status = 'done' ORDER BY run_id")]
+    assert len(done) == 23
+    con.executemany("UPDATE runs SET code_version = ? WHERE run_id = ?", [("v1", r) for r in done[:10]] + [("v2", r) for r in done[10:13]])
+    con.commit()
+    con.close()
+    settings = verdict_tables(path, n_boot=20)["settings"].set_index("name").value
+    assert settings["code versions"] == "unknown (10), v1 (10), v2 (3)"  # most runs first, ties by name

@@ -277,13 +277,16 @@ def claim_and_run(grid: list[tuple[str, RunConfig]], *, con, owner: str, fail_fa
     failed-elsewhere (a sibling worker failed it in this grid: not retried) | start | done |
     taken (finished, but another process took the run over) | failed (with recurring, and fatal:
     the grid stops, the exception is re-raised after the event)."""
+    from reprpo.checkpoint import code_version
+
+    version = code_version()  # of the source this process runs (read once, before any run)
     for i, (label, cfg) in enumerate(grid, 1):
         rid = run_id_of(cfg)
         tag = f"[{i}/{len(grid)}] {label} {cfg.data.shift} seed {cfg.train.seed} ({rid})"
         ev = {"i": i, "rid": rid}
         state = store.claim_run(con, run_id=rid, method=label, shift=cfg.data.shift, seed=cfg.train.seed,
                                 config_json=json.dumps(to_dict(cfg), sort_keys=True), out_dir=cfg.out, owner=owner,
-                                failed_since=failed_since)
+                                failed_since=failed_since, code_version=version)
         if state != "claimed":
             event, why = {"done": ("skipped", "done"), "busy": ("busy", "running in another process"),
                           "failed": ("failed-elsewhere", "failed in another worker")}[state]

@@ -8,7 +8,8 @@ runs         one row per (method, shift, seed, settings): run_id is a hash of th
              data, non-finite training, a missing model; the same settings fail again) or
              'transient: ' (anything else; a rerun may pass), then `Type: message` and the
              traceback (`error_text`; stores from before the prefix hold the bare traceback);
-             added later (by `connect`): owner (host:pid:start), eval_seconds.
+             added later (by `connect`): owner (host:pid:start), eval_seconds, code_version
+             (`checkpoint.code_version()` of the process that ran it; NULL in runs from before).
 split_scores per run, split and model ('base' | 'adapter'): n, accuracy, margin, chosen_ppl.
 pair_scores  per run, split, model and pair: log-prob sums/means, tokens, margin, correct.
 curves       per run, step and metric key: the training log (metrics.csv) as rows.
@@ -103,6 +104,7 @@ CREATE TABLE IF NOT EXISTS coherence (
 ADDED_COLUMNS = (
     ("runs", "owner", "TEXT"),           # host:pid:start of the process that claimed the run
     ("runs", "eval_seconds", "REAL"),    # scoring + generation check
+    ("runs", "code_version", "TEXT"),    # reprpo version + source hash of the process that ran it
 )
 RECURRING, TRANSIENT = "recurring", "transient"  # the kinds of a failed run's runs.error
 RESULT_TABLES = ("split_scores", "pair_scores", "curves", "coherence")
@@ -289,11 +291,13 @@ def delete_run_rows(con: sqlite3.Connection, run_id: str) -> None:
 
 
 def claim_run(con: sqlite3.Connection, *, run_id: str, method: str, shift: str, seed: int,
-              config_json: str, out_dir: str, owner: str, failed_since: float | None = None) -> str:
+              config_json: str, out_dir: str, owner: str, failed_since: float | None = None,
+              code_version: str | None = None) -> str:
     """Atomically take a run: 'claimed' (now ours, partial rows of an earlier attempt deleted),
     'done' (finished before; skip) or 'busy' (running in another live process; skip).
     With `failed_since` (unix time), a run that failed at or after it is 'failed' (skip): a
-    sibling worker of the same grid failed it, and one grid tries a run once."""
+    sibling worker of the same grid failed it, and one grid tries a run once. `code_version` is
+    recorded with a claimed run."""
     with transaction(con):
         row = con.execute("SELECT status, owner, finished FROM runs WHERE run_id = ?", (run_id,)).fetchone()
         if row is not None:
@@ -307,9 +311,9 @@ def claim_run(con: sqlite3.Connection, *, run_id: str, method: str, shift: str, 
         delete_run_rows(con, run_id)
         con.execute(
             "INSERT OR REPLACE INTO runs (run_id, method, shift, seed, status, config_json, out_dir, "
-            "error, train_seconds, eval_seconds, created, finished, owner) "
-            "VALUES (?, ?, ?, ?, 'running', ?, ?, NULL, NULL, NULL, ?, NULL, ?)",
-            (run_id, method, shift, seed, config_json, out_dir, time.time(), owner),
+            "error, train_seconds, eval_seconds, created, finished, owner, code_version) "
+            "VALUES (?, ?, ?, ?, 'running', ?, ?, NULL, NULL, NULL, ?, NULL, ?, ?)",
+            (run_id, method, shift, seed, config_json, out_dir, time.time(), owner, code_version),
         )
     return "claimed"
 

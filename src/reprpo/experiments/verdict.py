@@ -262,10 +262,20 @@ def verdict_tables(store_path: str | Path, *, reference: str = "dpo", level: flo
         ("repetition_max", repetition_max, "adapter generation repetition above this (and the base's): incoherent"),
         ("seeds", ", ".join(map(str, seeds)), "expected seeds"),
         ("shifts", ", ".join(shifts), "shifts compared"),
+        ("code versions", _versions_text(every[(every.status == "done") & every["shift"].isin(shifts)]),
+         "reprpo version + source hash that computed the done runs of these shifts (runs); "
+         "unknown: a run from before the store recorded it"),
     ], columns=["name", "value", "meaning"])
     return {"summary": summary, "per_shift": per_shift, "missing": missing, "coherence": gate, "settings": settings,
             "runs": every.drop(columns=["config_json"]).sort_values(["method", "shift", "seed"]).reset_index(drop=True),
             "split_scores": rt}
+
+
+def _versions_text(runs: pd.DataFrame) -> str:
+    """'0.1.0+ab12 (30), unknown (18)': the done runs per recorded code version, most runs first."""
+    v = runs["code_version"] if "code_version" in runs else pd.Series([None] * len(runs), dtype=object)
+    counts = v.fillna("unknown").value_counts()
+    return ", ".join(f"{k} ({n})" for k, n in sorted(counts.items(), key=lambda kn: (-kn[1], kn[0]))) or "—"
 
 
 def _incoherent(c) -> bool:
