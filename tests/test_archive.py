@@ -47,7 +47,7 @@ def test_done_runs_round_trip_bit_exactly_and_failed_ones_stay_out(tmp_path):
     assert archive.export_runs(src, tmp_path / "arch") == 2
     assert archive.archived_runs(tmp_path / "arch") == 2
     assert {p.name for p in (tmp_path / "arch").iterdir()} == {
-        "runs.csv", "split_scores.csv", "coherence.csv", "pair_scores.csv.gz", "curves.csv.gz"}
+        "runs.csv", "split_scores.csv", "coherence.csv", "pair_scores.000.csv.gz", "curves.000.csv.gz", "shards.json"}
 
     dst = tmp_path / "b.sqlite"
     new, had = archive.import_runs(tmp_path / "arch", dst)
@@ -84,8 +84,10 @@ def test_no_archive_imports_nothing(tmp_path):
      "split_scores.csv, line 2, column n: 'five' is not a integer"),
     (lambda d: (d / "coherence.csv").write_text("run_id,model,flavour\nr1,adapter,x\n"),
      "coherence.csv: column(s) flavour are not in the store's coherence table"),
-    (lambda d: (d / "curves.csv.gz").unlink(), "runs.csv is there but curves.csv.gz is not"),
-    (lambda d: (d / "pair_scores.csv.gz").write_bytes(gzip.compress(b"run_id,split\nr1\n")), "pair_scores.csv.gz, line 2: 1 cells for 2 columns"),
+    (lambda d: (d / "curves.000.csv.gz").unlink(), "runs.csv is there but curves.000.csv.gz is not"),
+    (lambda d: (d / "pair_scores.000.csv.gz").write_bytes(gzip.compress(b"run_id,split\nr1\n")), "pair_scores.000.csv.gz, line 2: 1 cells for 2 columns"),
+    (lambda d: (d / "pair_scores.000.csv.gz").write_bytes(gzip.compress(b"run_id,split\n")), "pair_scores.000.csv.gz: 0 rows, but shards.json lists 5"),
+    (lambda d: (d / "shards.json").write_text("[1]"), "shards.json: not a listing of shards"),
     (lambda d: (d / "split_scores.csv").write_text("run_id,split,model,n,accuracy,margin,chosen_ppl\nr1,test,adapter,5,nan,0.3,12\n"),
      "column accuracy: 'nan' is not a real"),
 ])
@@ -154,3 +156,51 @@ def test_runs_that_read_a_changed_input_are_left_out(tmp_path, monkeypatch):
     assert changed == ["sae"]
     skip = lambda cj: any(f'"{p}"' in cj for p in changed)
     assert archive.import_runs(tmp_path / "arch", tmp_path / "b.sqlite", skip=skip) == (["r1"], [])
+
+
+def test_long_tables_are_sharded_and_a_new_run_changes_only_the_last_shard(tmp_path, monkeypatch):
+    """SHARD_ROWS 12 with 5 pair rows per run: shards close at 15 rows, so 4 runs are
+    pair_scores.000 (r1, r2, r3) and .001 (r4); a 5th run rewrites .001 only, .000 keeps its bytes,
+    and every row still round-trips bit-exactly."""
+    monkeypatch.setattr(archive, "SHARD_ROWS", 12)
+    src, arch = tmp_path / "a.sqlite", tmp_path / "arch"
+    con = store.connect(src)
+    for i in range(1, 5):
+        _run(con, f"r{i}", seed=i)
+    archive.export_runs(src, arch)
+    import json
+
+    listing = json.loads((arch / "shards.json").read_text())
+    assert listing["pair_scores"] == {"pair_scores.000.csv.gz": 15, "pair_scores.001.csv.gz": 5}
+    first = (arch / "pair_scores.000.csv.gz").read_bytes()
+    _run(con, "r5", seed=5)
+    con.close()
+    archive.export_runs(src, arch)
+    assert (arch / "pair_scores.000.csv.gz").read_bytes() == first
+    assert json.loads((arch / "shards.json").read_text())["pair_scores"] == {"pair_scores.000.csv.gz": 15, "pair_scores.001.csv.gz": 10}
+    dst = tmp_path / "b.sqlite"
+    assert sorted(archive.import_runs(arch, dst)[0]) == [f"r{i}" for i in range(1, 6)]
+    assert _dump(dst) == _dump(src)
+
+
+def test_an_archive_from_before_shards_imports_and_is_rewritten_in_shards(tmp_path):
+    """The old layout (one pair_scores.csv.gz and curves.csv.gz, no shards.json) imports as it is;
+    the next export writes shards and removes the single files, so no row is listed twice."""
+    src, arch = tmp_path / "a.sqlite", tmp_path / "arch"
+    con = store.connect(src)
+    _run(con, "r1")
+    _run(con, "r2", seed=2)
+    con.close()
+    archive.export_runs(src, arch)
+    for t in archive.GZIPPED:  # turn it into the old layout
+        (arch / f"{t}.000.csv.gz").rename(arch / f"{t}.csv.gz")
+    (arch / "shards.json").unlink()
+    dst = tmp_path / "b.sqlite"
+    assert sorted(archive.import_runs(arch, dst)[0]) == ["r1", "r2"]
+    assert _dump(dst) == _dump(src)
+    archive.export_runs(dst, arch)
+    assert not (arch / "pair_scores.csv.gz").exists() and not (arch / "curves.csv.gz").exists()
+    assert (arch / "pair_scores.000.csv.gz").is_file() and (arch / "shards.json").is_file()
+    third = tmp_path / "c.sqlite"
+    archive.import_runs(arch, third)
+    assert _dump(third) == _dump(src)

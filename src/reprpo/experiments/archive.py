@@ -6,9 +6,15 @@ that can be committed (the study file's `archive:` key), and the next session st
 reading it back:
 
 - `export_runs(store, folder)`: every 'done' run with all its rows, one CSV per store table
-  (runs.csv, split_scores.csv, coherence.csv, pair_scores.csv.gz, curves.csv.gz), floats
-  written with `repr` so a re-import is bit-exact; runs.csv is written last, so a run listed
-  there always has its rows in the other files (an export killed halfway lists fewer runs).
+  (runs.csv, split_scores.csv, coherence.csv), the long tables in gzipped shards
+  (pair_scores.000.csv.gz, ..., curves.000.csv.gz, ...) listed with their row counts in
+  shards.json; floats written with `repr` so a re-import is bit-exact. runs.csv is written
+  last, so a run listed there always has its rows in the other files (an export killed halfway
+  lists fewer runs).
+- Shards: runs in the order they finished, a run's rows never split, a new shard once one
+  holds SHARD_ROWS rows. A new run only changes the last shard, so git stores the new rows, not
+  the whole table again, and no file outgrows what a repository should hold (a study of 162 runs
+  has over 100,000 pair rows). An archive from before shards (pair_scores.csv.gz) still imports.
 - `import_runs(folder, store)`: the archived runs the store lacks, each with its rows in one
   transaction (`store.copy_runs`); a run already done in the store is left as it is.
 - `export_trials` / `import_trials`: the optuna studies of a tuning storage, through optuna's
@@ -35,7 +41,9 @@ from reprpo.errors import ReprpoError
 from reprpo.experiments import store
 
 TABLES = ("runs", *store.RESULT_TABLES)
-GZIPPED = ("pair_scores", "curves")  # the long tables
+GZIPPED = ("pair_scores", "curves")  # the long tables: gzipped, in shards
+SHARD_ROWS = 16_000  # rows per shard before the next run starts a new one (pair_scores: ~0.8 MB gzipped)
+SHARDS = "shards.json"  # {table: {file: rows}} of the long tables' shards
 JOURNAL = "tuning.journal"
 ARCHIVE_WORKER = "reprpo-archive"  # the worker id of every line of an exported journal
 
@@ -45,7 +53,25 @@ class ArchiveError(ReprpoError):
 
 
 def table_file(folder: Path, table: str) -> Path:
+    """A short table's file, or a long table's single file in an archive from before shards."""
     return folder / (f"{table}.csv.gz" if table in GZIPPED else f"{table}.csv")
+
+
+def shard_file(folder: Path, table: str, i: int) -> Path:
+    return folder / f"{table}.{i:03d}.csv.gz"
+
+
+def _shards(counts: list[tuple[str, int]], cap: int) -> list[list[str]]:
+    """Runs (in order, with their row counts) cut into consecutive groups: a group is closed once
+    it holds `cap` rows or more, so appending runs changes only the last group."""
+    groups, rows = [[]], 0
+    for rid, n in counts:
+        if rows >= cap:
+            groups.append([])
+            rows = 0
+        groups[-1].append(rid)
+        rows += n
+    return groups if groups[0] else []
 
 
 def _cell(v) -> str:
@@ -76,11 +102,29 @@ def export_runs(store_path: str | Path, folder: str | Path) -> int:
     con = store.connect(store_path)
     try:
         done = "SELECT run_id FROM runs WHERE status = 'done'"
-        for table in (*store.RESULT_TABLES, "runs"):  # runs last: see the module docstring
+        order = [r for (r,) in con.execute("SELECT run_id FROM runs WHERE status = 'done' ORDER BY finished, run_id")]
+        listing = {}
+        for table in GZIPPED:
+            n = dict(con.execute(f"SELECT run_id, COUNT(*) FROM {table} WHERE run_id IN ({done}) GROUP BY run_id"))
+            listing[table] = {}
+            for i, ids in enumerate(_shards([(r, n.get(r, 0)) for r in order], SHARD_ROWS)):
+                cur = con.execute(f"SELECT * FROM {table} WHERE run_id IN ({', '.join('?' * len(ids))}) ORDER BY rowid", ids)
+                rows = cur.fetchall()
+                path = shard_file(folder, table, i)
+                _write(path, [d[0] for d in cur.description], rows)
+                listing[table][path.name] = len(rows)
+        tmp = folder / (SHARDS + ".tmp")
+        tmp.write_text(json.dumps(listing, indent=1) + "\n")
+        os.replace(tmp, folder / SHARDS)
+        for table in ("split_scores", "coherence", "runs"):  # runs last: see the module docstring
             where = "status = 'done'" if table == "runs" else f"run_id IN ({done})"
             cur = con.execute(f"SELECT * FROM {table} WHERE {where} ORDER BY rowid")
             _write(table_file(folder, table), [d[0] for d in cur.description], cur)
-        return con.execute("SELECT COUNT(*) FROM runs WHERE status = 'done'").fetchone()[0]
+        for table in GZIPPED:  # what shards.json no longer lists: an older single file, surplus shards
+            for p in [table_file(folder, table), *folder.glob(f"{table}.[0-9][0-9][0-9].csv.gz")]:
+                if p.is_file() and p.name not in listing[table]:
+                    p.unlink()
+        return len(order)
     finally:
         con.close()
 
@@ -139,6 +183,25 @@ def archived_runs(folder: str | Path) -> int:
         return max(0, sum(1 for _ in csv.reader(f)) - 1)
 
 
+def _files(folder: Path) -> list[tuple[str, Path, int | None]]:
+    """(table, file, rows listed or None) of every file to import, runs first; a long table from
+    shards.json, or its single file in an archive from before shards."""
+    listing = None
+    if (folder / SHARDS).is_file():
+        try:
+            listing = json.loads((folder / SHARDS).read_text())
+            assert isinstance(listing, dict) and all(isinstance(listing.get(t), dict) for t in GZIPPED)
+        except (ValueError, AssertionError) as e:
+            raise ArchiveError(f"{folder / SHARDS}: not a listing of shards ({e or 'wrong shape'}). Restore the folder from git.") from e
+    out = [(t, table_file(folder, t), None) for t in TABLES if t not in GZIPPED]
+    for table in GZIPPED:
+        if listing is None:
+            out.append((table, table_file(folder, table), None))
+        else:
+            out += [(table, folder / name, int(n)) for name, n in listing[table].items()]
+    return out
+
+
 def import_runs(folder: str | Path, store_path: str | Path, *, skip=None) -> tuple[list[str], list[str]]:
     """Copy the archive's runs into the store; returns (imported, already done in the store).
     An archive without runs.csv imports nothing. `skip(config_json) -> bool`: runs to leave out
@@ -149,11 +212,12 @@ def import_runs(folder: str | Path, store_path: str | Path, *, skip=None) -> tup
     with tempfile.TemporaryDirectory(prefix="reprpo-archive-") as tmp:
         src = store.connect(Path(tmp) / "archive.sqlite")
         try:
-            for table in TABLES:
-                path = table_file(folder, table)
+            for table, path, want in _files(folder):
                 if not path.is_file():
                     raise ArchiveError(f"{folder}: runs.csv is there but {path.name} is not. Restore the folder from git.")
                 header, rows = _read(path, table, src)
+                if want is not None and len(rows) != want:
+                    raise ArchiveError(f"{path}: {len(rows)} rows, but {SHARDS} lists {want}. Restore the folder from git.")
                 if table == "runs":
                     bad = [r for r in rows if r[header.index("status")] != "done"]
                     if bad:
