@@ -314,6 +314,9 @@ def test_shifts_of_one_file_are_named_once(tmp_path):
     assert md.count("d/shifts.json:") == 2  # the settings row only
     good = next(line for line in md.splitlines() if line.startswith("| good |"))
     assert "+50.0 [" in good and "**yes**" in good
+    built = tmp_path / "builtin.sqlite"
+    build_store(built, shifts=("builtin:sA", "builtin:sB"))
+    assert "built-in shifts: sA, sB ·" in render_verdict(built, tmp_path / "b", n_boot=20)
 
 
 def test_the_code_versions_of_the_runs_are_named(tmp_path):

@@ -409,7 +409,8 @@ def verdict_markdown(t: dict[str, pd.DataFrame], *, store_path: str | Path, imag
     pct = f"{100 * level:.0f}%"
     miss = t["missing"]
     src, label = shift_labels([*ps.get("shift", []), *miss["shift"], *t["coherence"].get("shift", [])])
-    shifts_text = (f"shifts of `{src}`: " + ", ".join(label.values())) if src else f"shifts: {st['shifts'] or '—'}"
+    names = ", ".join(label.values())
+    shifts_text = "built-in shifts: " + names if src == "builtin" else f"shifts of `{src}`: " + names if src else f"shifts: {st['shifts'] or '—'}"
     L = [f"# Verdict: does each method generalise better than {ref}?", "",
          f"Store `{store_path}` · {shifts_text} · seeds: {st['seeds'] or '—'} · "
          f"{st['n_boot']} bootstrap replicates (seed {st['seed']}) · {pct} intervals · α = {st['alpha']:g} (Holm over methods)", ""]
