@@ -272,9 +272,9 @@ def verdict_tables(store_path: str | Path, *, reference: str = "dpo", level: flo
 
 
 def _versions_text(runs: pd.DataFrame) -> str:
-    """'0.1.0+ab12 (30), unknown (18)': the done runs per recorded code version, most runs first."""
-    v = runs["code_version"] if "code_version" in runs else pd.Series([None] * len(runs), dtype=object)
-    counts = v.fillna("unknown").value_counts()
+    """'0.1.0+ab12 (30), unknown (18)': the done runs per recorded code version, most runs first
+    (`store.connect` adds the column to older stores, so every store read here has it)."""
+    counts = runs["code_version"].fillna("unknown").value_counts()
     return ", ".join(f"{k} ({n})" for k, n in sorted(counts.items(), key=lambda kn: (-kn[1], kn[0]))) or "—"
 
 
