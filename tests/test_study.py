@@ -118,6 +118,39 @@ def test_select_kept_takes_the_top_k_by_validation_gain(tmp_path):
     assert [p for p, _ in ranking["repr"]] == ["hs-none-mse", "hs-none-prefvec", "hs-pca-prefvec"]
 
 
+def test_plan_eta_is_calibrated_on_the_finished_runs(tmp_path, monkeypatch):
+    """The plan scales each run left by how long the finished runs of its shift took against
+    their estimates. A measured speed of 1 s/step, 1 pair/s and nothing else makes a run 2 steps
+    + 4 splits x 6 pairs = 26 s, and 50 s for the first run of a shift (the base scored too).
+    Finished: difficulty dpo 1 in 100 s and hs 1 in 52 s (est. 50 + 26: factor 2), encoding
+    dpo 1 in 25 s (est. 50: factor 0.5). Left: difficulty 2 x 26 x 2 = 104 s, encoding
+    3 x 26 x 0.5 = 39 s: 143 s. (Uncalibrated, counting the base where it is already cached:
+    76 + 102 = 178 s.) With no finished run the plan is the measured 2 x (50 + 3 x 26) = 256 s."""
+    from reprpo.experiments import store
+    from reprpo.experiments import study as st
+
+    s = load_study(TINY, out=tmp_path / "out")
+    sp = st.Speed(s_per_step=1.0, ref_s_per_pair=0.0, overhead_s=0.0, load_s=0.0, pairs_per_s=1.0, gen_s_per_prompt=0.0,
+                  device="cpu", measured_in_s=0.0)
+    monkeypatch.setattr(st, "speed_of", lambda *a, **k: sp)
+    monkeypatch.setattr(st, "finished_trials", lambda _: {f"{m.preset}@builtin:context": 2 for m in s.methods})
+    assert st.make_plan(s).eta_s == pytest.approx(256.0)
+
+    path = st.model_dir(s, s.models[0]) / "results.sqlite"
+    path.parent.mkdir(parents=True)
+    con = store.connect(path)
+    for i, (method, shift, took) in enumerate([("dpo", "difficulty", 100.0), ("hs-none-prefvec", "difficulty", 52.0),
+                                               ("dpo", "encoding", 25.0)]):
+        store.claim_run(con, run_id=f"r{i}", method=method, shift=f"builtin:{shift}", seed=1, config_json="{}", out_dir="x",
+                        owner="t")
+        con.execute("UPDATE runs SET status = 'done', created = 1000, finished = ? WHERE run_id = ?", (1000 + took, f"r{i}"))
+        con.commit()
+    con.close()
+    plan = st.make_plan(s)
+    assert plan.runs_left == 5 and plan.eta_s == pytest.approx(143.0)
+    assert "calibrated on 3 finished runs (they took 1.40x their estimate)" in "\n".join(plan.lines)  # 177 / 126
+
+
 # -- end to end ------------------------------------------------------------------------------
 def test_tiny_study_end_to_end_and_budget_refusal(tmp_path, capsys):
     out = tmp_path / "study"

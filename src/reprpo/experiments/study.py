@@ -9,7 +9,8 @@ also reported, an unknown preset: an error naming the file and the key).
 Phases, each resumable after a kill -9 at any point:
 - plan: every input checked, then an ETA *measured on this machine* (`measure_speed`: a few
   real train steps and the scoring and generation of a few pairs with the study's model and
-  sizes), refused when over `budget_hours` unless `--yes`;
+  sizes; once runs have finished, scaled per shift by how long they took: `calibrated`),
+  refused when over `budget_hours` unless `--yes`;
 - tune: `tune.run_tune` per method on its family's validation shift (optuna SQLite study per
   model: trials already finished are not redone); a candidates group keeps its top k presets
   by the best validation objective (`select_kept`);
@@ -30,6 +31,7 @@ import re
 import socket
 import statistics
 import time
+from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -493,16 +495,34 @@ def finished_trials(storage: Path) -> dict[str, int]:
             for name in optuna.get_all_study_names(url)}
 
 
-def done_runs(store_path: Path) -> set[tuple[str, str, int]]:
+def done_runs(store_path: Path) -> dict[tuple[str, str, int], float | None]:
+    """(method, shift, seed) of the store's finished runs -> their wall seconds, claim to finish
+    (None where a time is missing)."""
     if not store_path.is_file():
-        return set()
+        return {}
     from reprpo.experiments import store
 
     con = store.connect(store_path)
     try:
-        return {(m, s, int(seed)) for m, s, seed in con.execute("SELECT method, shift, seed FROM runs WHERE status = 'done'")}
+        rows = con.execute("SELECT method, shift, seed, created, finished FROM runs WHERE status = 'done'")
+        return {(m, s, int(seed)): (f - c if c is not None and f is not None and f >= c else None) for m, s, seed, c, f in rows}
     finally:
         con.close()
+
+
+def calibrated(planned: list[tuple[str, float, float | None]]) -> tuple[float, str]:
+    """The seconds of the runs left, each run's estimate scaled by how long the finished runs
+    took against their own estimates: per shift (its sequence lengths), else over all finished
+    runs. `planned`: (shift, estimate, wall seconds if finished else None) for every run."""
+    took, est = defaultdict(float), defaultdict(float)
+    for shift, e, wall in planned:
+        if wall is not None:
+            took[shift] += wall
+            est[shift] += e
+    overall = sum(took.values()) / sum(est.values()) if sum(est.values()) > 0 else 1.0
+    left = sum(e * (took[s] / est[s] if est[s] > 0 else overall) for s, e, wall in planned if wall is None)
+    n = sum(wall is not None for _, _, wall in planned)
+    return left, (f"calibrated on {n} finished runs (they took {overall:.2f}x their estimate)" if n else "")
 
 
 def compared_labels(study: Study, kept: dict[str, list[str]] | None = None) -> list[tuple[str, str]]:
@@ -560,21 +580,26 @@ def make_plan(study: Study, *, workers: int = 1, log=write) -> Plan:
         done = done_runs(mdir / "results.sqlite")
         sel = mdir / "tune" / "selection.yaml"
         kept = (yaml.safe_load(sel.read_text()) or {}).get("kept") if sel.is_file() else None  # a resumed study: the chosen ones
-        c_s, based = 0.0, set()
+        planned, based = [], set()  # the first run of a shift scores the base too (cached for the rest)
         for label, kind in compared_labels(study, kept):
             for s in study.reported:
                 for seed in study.seeds:
-                    if (label, s, seed) not in done:
-                        runs_left += 1
-                        c_s += run_seconds(sp, study.sizes, kind, base=s not in based)
+                    key = (label, s, seed)
+                    wall = done.get(key) if key in done else None
+                    if key in done and wall is None:  # finished, time unknown: neither left nor a calibration point
                         based.add(s)
+                        continue
+                    runs_left += key not in done
+                    planned.append((s, run_seconds(sp, study.sizes, kind, base=s not in based), wall))
+                    based.add(s)
+        c_s, calibration = calibrated(planned)
         par = min(workers, gpus) if sp.device == "cuda" and gpus else 1
         c_s /= max(1, par)
         eta += t_s + c_s
         lines.append(f"  {model.name}: measured on this machine ({sp.device}): {sp.s_per_step:.2f} s/step, "
                      f"{sp.pairs_per_s:.2f} pairs/s scored, {sp.gen_s_per_prompt:.1f} s per generation, "
                      f"{sp.load_s + sp.overhead_s:.1f} s load and setup per run (measured in {sp.measured_in_s:.0f} s) "
-                     f"-> tuning {t_s / 3600:.2f} h + compare {c_s / 3600:.2f} h")
+                     f"-> tuning {t_s / 3600:.2f} h + compare {c_s / 3600:.2f} h" + (f", {calibration}" if calibration else ""))
     runs = runs_per_model * len(study.models)
     trials = n_trials * len(study.models)
     lines.append(f"ETA {eta / 3600:.2f} h for {runs_left} of {runs} runs (+ tuning {trials_left} of {trials} trials); "
