@@ -151,6 +151,12 @@ def test_grid_fills_store_and_rerun_skips(tmp_path, capsys):
     assert con.execute("SELECT run_id, finished FROM runs ORDER BY run_id").fetchall() == finished
     con.close()
 
+    # with progress: the 4 skipped runs are counted but are not in the rate (nothing was run)
+    run_grid(methods=METHODS, shifts=["difficulty"], seeds=[1, 2], base=_base(), store_path=tmp_path / "results.sqlite",
+             out_root=tmp_path / "runs", progress=True)
+    last = [x for x in capsys.readouterr().err.splitlines() if x.startswith("compare:")][-1]
+    assert last.startswith("compare: 4/4 (100%), ? run/s, ETA ?, done in"), last
+
 
 def test_killed_and_failed_runs_are_redone_without_duplicates(tmp_path, monkeypatch):
     import reprpo.train

@@ -63,6 +63,36 @@ def test_line_mode_logs_start_tenths_and_end_with_count_rate_eta(capsys, monkeyp
     assert all("pair/s" in x or "s/pair" in x for x in lines[1:]) and all("ETA" in x for x in lines)
 
 
+@pytest.mark.parametrize("mode", ["lines", "tty"])
+def test_skipped_counts_are_not_in_the_rate(monkeypatch, mode):
+    """A resumed grid of 10 runs, 6 done before: skip(6) at t=0, then one run done at t=100 s.
+    The rate is 1 run / 100 s, so the 3 left take 300 s: "100.00 s/run, ETA 05:00". Counting the
+    6 as updates would say 7 runs / 100 s = 14.29 s/run, ETA 00:42."""
+    class Stream(io.StringIO):
+        def isatty(self):
+            return mode == "tty"
+
+    clock = [0.0]
+    monkeypatch.setattr(progress.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(progress, "LINE_MIN_SECONDS", 0.0)
+    monkeypatch.setattr(sys, "stderr", Stream())
+    b = progress.bar(total=10, desc="compare", unit="run")
+    if mode == "tty":
+        monkeypatch.setattr(b._tqdm, "_time", lambda: clock[0])
+        b._tqdm.start_t = b._tqdm.last_print_t = 0.0
+    b.skip(6)
+    clock[0] = 100.0
+    b.update(1)
+    if mode == "lines":
+        last = sys.stderr.getvalue().splitlines()[-1]
+        assert last.startswith("compare: 7/10 (70%), 100.00 s/run, ETA 05:00"), last
+    else:
+        d = b._tqdm.format_dict
+        assert (d["n"], d["initial"], d["elapsed"]) == (7, 6, 100.0)
+        assert "7/10" in sys.stderr.getvalue() and "05:00" in b._tqdm.__str__()
+    b.close()
+
+
 def test_line_mode_at_most_one_tenth_line_a_second(capsys):
     """A bar done within a second logs its start and end only (LINE_MIN_SECONDS)."""
     for _ in progress.bar(range(50), desc="fast", unit="pair"):

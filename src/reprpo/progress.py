@@ -8,6 +8,8 @@ one when it ends, each with the count, the rate and the ETA. `set_quiet(True)` (
 a caller whose config says `train.progress false` passes `enabled=False`.
 
 `update` is thread-safe (scoring workers share one bar per split): each bar holds a lock.
+`skip(n)` counts work done before or elsewhere (compare's runs already in the store) without
+putting it in the rate, so a resumed grid's ETA is of the runs it actually runs.
 
 `quiet_third_party_warnings()` silences, by exact message, the deprecation warnings that
 libraries raise about their own calls on our runs; warnings our calls cause are fixed where we
@@ -98,6 +100,19 @@ class Bar:
                 if tenth or since >= LINE_SECONDS:
                     self._line("")
                     self._next_n = self._step_n(self.n)
+
+    def skip(self, n: float = 1) -> None:
+        """Count `n` as done but not as work this bar timed (a run finished by an earlier or
+        another process): the rate and ETA are of the updates only, as if the bar had started
+        at the higher count (tqdm's `initial`)."""
+        with self._lock:
+            self.n += n
+            self.initial += n
+            if self._tqdm is not None:  # past tqdm.update: its smoothed rate never sees the jump
+                self._tqdm.n += n
+                self._tqdm.initial += n
+                self._tqdm.last_print_n += n
+                self._tqdm.refresh()
 
     def __iter__(self) -> Iterator:
         try:

@@ -269,6 +269,9 @@ def take_shard(grid: list, shard: tuple[int, int] | None) -> list:
     return grid[k - 1::n]
 
 
+NOT_RUN_HERE = ("skipped", "busy", "failed-elsewhere")  # claim_and_run events of runs this grid passes: the bar's skip
+
+
 def claim_and_run(grid: list[tuple[str, RunConfig]], *, con, owner: str, fail_fast: bool, emit,
                   failed_since: float | None = None) -> None:
     """Claim each run of `grid` in order (`store.claim_run`) and train + score the claimed ones
@@ -370,7 +373,7 @@ def run_grid(*, methods: list[str], shifts: list[str], seeds: list[int], base: R
     else:
         say = write if progress else (lambda *a, **k: None)  # write: a line that leaves the grid's bar intact
         con = store.connect(store_path)
-        pbar = bar(total=len(grid), desc="compare", unit="run", enabled=progress)  # counts a run when it is done, skipped or failed
+        pbar = bar(total=len(grid), desc="compare", unit="run", enabled=progress)  # counts a run when it is done, skipped or failed; its rate is of the runs run
 
         def emit(ev: dict) -> None:
             if ev["event"] == "failed":
@@ -381,7 +384,7 @@ def run_grid(*, methods: list[str], shifts: list[str], seeds: list[int], base: R
                 say(ev["line"])
             if ev["event"] != "start":
                 tally.add(ev["event"], recurring=ev.get("recurring", False))
-                pbar.update(1)
+                (pbar.skip if ev["event"] in NOT_RUN_HERE else pbar.update)(1)
             if ev["event"] == "done" and after_run:
                 after_run()
 
@@ -550,7 +553,7 @@ def run_workers(grid: list[tuple[str, RunConfig]], *, workers: int, store_path: 
         def settle(i: int, event: str, *, line: str = "", recurring: bool = False) -> None:
             settled.add(i)
             tally.add(event, recurring=recurring)
-            pbar.update(1)
+            (pbar.skip if event in NOT_RUN_HERE else pbar.update)(1)
             if event == "failed":
                 write(line, file=sys.stderr)
             elif line:
