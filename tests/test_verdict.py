@@ -296,6 +296,37 @@ def test_render_verdict_writes_markdown_plots_and_csv(store, tmp_path):
     assert {"split_scores.csv", "verdict_summary.csv", "coherence_runs.csv", "missing.csv"} <= {p.name for p in (out / "csv").iterdir()}
 
 
+def test_accuracies_per_shift_are_the_mean_over_seeds_with_their_range(tmp_path):
+    """The accuracy (%) of the base, the reference, each method and the target-tuned run, per
+    shift and split, mean over seeds (min–max when the seeds differ). The hand-made store, with
+    dpo's seed-2 oos accuracy on sA set to 0.6: sA oos base 50 (2 seeds), dpo (50 + 60)/2 = 55
+    (50–60), good 100, worse 25; sB worse has 1 seed (its seed 2 failed); target:dpo 80 on oos
+    and nothing on test; test: base 50, every adapter 100."""
+    from reprpo.experiments.verdict import render_verdict
+
+    p = tmp_path / "results.sqlite"
+    build_store(p)
+    con = sqlite3.connect(p)
+    con.execute("UPDATE split_scores SET accuracy = 0.6 WHERE run_id = 'dpo|sA|2' AND split = 'oos' AND model = 'adapter'")
+    con.commit()
+    con.close()
+    md = render_verdict(p, tmp_path / "v", n_boot=50)
+    import pandas as pd
+
+    a = pd.read_csv(tmp_path / "v" / "csv" / "accuracies.csv").set_index(["shift", "model", "split"])
+    got = lambda *k: tuple(a.loc[k, ["seeds", "acc", "acc_min", "acc_max"]])
+    assert got("sA", "dpo", "oos") == (2, 55.0, 50.0, 60.0) and got("sA", "base", "oos") == (2, 50.0, 50.0, 50.0)
+    assert got("sA", "good", "oos") == (2, 100.0, 100.0, 100.0) and got("sA", "worse", "oos") == (2, 25.0, 25.0, 25.0)
+    assert got("sB", "worse", "oos") == (1, 25.0, 25.0, 25.0) and got("sA", "target:dpo", "oos") == (2, 80.0, 80.0, 80.0)
+    assert ("sA", "target:dpo", "test") not in a.index and got("sB", "base", "test") == (2, 50.0, 50.0, 50.0)
+    sa = md[md.index("## Shift `sA`"):md.index("## Shift `sB`")]
+    for row in ("| model | seeds | test | oos |", "| base | 2 | 50 | 50 |", "| dpo | 2 | 100 | 55 (50–60) |",
+                "| worse | 2 | 100 | 25 |", "| target:dpo | 2 | — | 80 |"):
+        assert row in sa, row
+    assert sa.index("| base | 2 |") < sa.index("| dpo | 2 | 100 |") < sa.index("| good | 2 | 100 |") < sa.index("| target:dpo |")
+    assert "| worse | 1 | 100 | 25 |" in md[md.index("## Shift `sB`"):]
+
+
 def test_shifts_of_one_file_are_named_once(tmp_path):
     """Every shift FILE:NAME of one FILE: the page names the file once in its header and the shifts by
     name everywhere else (headings, missing runs, plots); the settings table keeps the full specs."""

@@ -268,7 +268,31 @@ def verdict_tables(store_path: str | Path, *, reference: str = "dpo", level: flo
     ], columns=["name", "value", "meaning"])
     return {"summary": summary, "per_shift": per_shift, "missing": missing, "coherence": gate, "settings": settings,
             "runs": every.drop(columns=["config_json"]).sort_values(["method", "shift", "seed"]).reset_index(drop=True),
-            "split_scores": rt}
+            "split_scores": rt, "accuracies": accuracy_table(rt, tg, shifts=shifts, models=[reference, *methods])}
+
+
+def accuracy_table(rt: pd.DataFrame, targets: pd.DataFrame, *, shifts: list[str], models: list[str]) -> pd.DataFrame:
+    """Accuracy (%) per (shift, model, split) over seeds: seeds, acc (the mean), acc_min, acc_max.
+    model: "base" (per seed the mean over that seed's runs, which share the base in a compare
+    grid), each of `models` (its adapter), then each target-tuned label (oos only)."""
+    cols = ["shift", "model", "split", "seeds", "acc", "acc_min", "acc_max"]
+    rt = rt[rt["shift"].isin(shifts)]
+    per_seed = [rt.dropna(subset=["base_acc"]).groupby(["shift", "split", "seed"]).base_acc.mean().rename("a").reset_index().assign(model="base")]
+    for m in models:
+        sel = rt[(rt.method == m)].dropna(subset=["adapter_acc"])
+        per_seed.append(sel.groupby(["shift", "split", "seed"]).adapter_acc.mean().rename("a").reset_index().assign(model=m))
+    tg = targets[targets["shift"].isin(shifts)]
+    for label in dict.fromkeys(tg.method):
+        sel = tg[tg.method == label]
+        per_seed.append(sel.groupby(["shift", "seed"]).acc.mean().rename("a").reset_index().assign(model=label, split="oos"))
+    long = pd.concat(per_seed, ignore_index=True)
+    if long.empty:
+        return pd.DataFrame(columns=cols)
+    rank = {m: i for i, m in enumerate(dict.fromkeys(["base", *models, *tg.method]))}
+    g = long.assign(a=100 * long.a).groupby(["shift", "model", "split"]).a
+    out = pd.DataFrame({"seeds": g.size(), "acc": g.mean(), "acc_min": g.min(), "acc_max": g.max()}).round(6).reset_index()
+    out["_s"], out["_m"] = out["shift"].map({sh: i for i, sh in enumerate(shifts)}), out.model.map(rank)
+    return out.sort_values(["_s", "_m", "split"])[cols].reset_index(drop=True)
 
 
 def _versions_text(runs: pd.DataFrame) -> str:
@@ -446,6 +470,7 @@ def verdict_markdown(t: dict[str, pd.DataFrame], *, store_path: str | Path, imag
                          "n/a" if r.gate == "n/a" else _yn(r.coherent) + (f" ({r.gate})" if r.gate else ""), r.counted]
                         for r in c.itertuples()])
         L.append("")
+        L += _accuracy_md(t["accuracies"], sh)
     co = t["coherence"]
     bad = co[co.incoherent.astype(bool)]
     L += ["## Coherence gate", "",
@@ -475,16 +500,33 @@ def verdict_markdown(t: dict[str, pd.DataFrame], *, store_path: str | Path, imag
     if images:
         L += ["## Plots", ""] + [f"![{title}]({name})" for title, name in images.items()] + [""]
     L += ["CSV exports of the per-run tables: `csv/` (runs.csv without config_json, split_scores.csv, verdict_per_shift.csv, "
-          "verdict_summary.csv, coherence_runs.csv, missing.csv).", ""]
+          "verdict_summary.csv, coherence_runs.csv, missing.csv, accuracies.csv).", ""]
     return "\n".join(L)
+
+
+def _accuracy_md(acc: pd.DataFrame, shift: str) -> list[str]:
+    """A shift's accuracy table: one row per model, one column per split (train, test, oos, rnd
+    where scored), the mean over seeds and, when the seeds differ, their range."""
+    a = acc[acc["shift"] == shift]
+    if a.empty:
+        return []
+    splits = [x for x in ("train", "test", "oos", "rnd") if x in set(a.split)] + sorted(set(a.split) - {"train", "test", "oos", "rnd"})
+    num = lambda v: f"{round(float(v), 1):g}"
+    rows = []
+    for m, g in a.groupby("model", sort=False):
+        cell = {r.split: num(r.acc) + ("" if r.acc_min == r.acc_max else f" ({num(r.acc_min)}–{num(r.acc_max)})") for r in g.itertuples()}
+        rows.append([m, str(int(g.seeds.max())), *(cell.get(x, "—") for x in splits)])
+    return ["Accuracy (%) on each split, mean over seeds (their range when they differ); base = the model without an adapter:", "",
+            *_md_table(["model", "seeds", *splits], rows), ""]
 
 
 def export_csv(t: dict[str, pd.DataFrame], out: Path) -> list[Path]:
     """out/{runs (every run, without config_json), split_scores (per run and split: base and adapter
-    accuracy, Δ pp, margin, ppl ratio), verdict_per_shift, verdict_summary, coherence_runs, missing}.csv."""
+    accuracy, Δ pp, margin, ppl ratio), verdict_per_shift, verdict_summary, coherence_runs, missing,
+    accuracies (per shift, model and split: mean over seeds and range)}.csv."""
     out.mkdir(parents=True, exist_ok=True)
     names = {"runs": "runs", "split_scores": "split_scores", "per_shift": "verdict_per_shift", "summary": "verdict_summary",
-             "coherence": "coherence_runs", "missing": "missing"}
+             "coherence": "coherence_runs", "missing": "missing", "accuracies": "accuracies"}
     paths = []
     for key, name in names.items():
         p = out / f"{name}.csv"
