@@ -133,7 +133,7 @@ def test_plan_eta_is_calibrated_on_the_finished_runs(tmp_path, monkeypatch):
     sp = st.Speed(s_per_step=1.0, ref_s_per_pair=0.0, overhead_s=0.0, load_s=0.0, pairs_per_s=1.0, gen_s_per_prompt=0.0,
                   device="cpu", measured_in_s=0.0)
     monkeypatch.setattr(st, "speed_of", lambda *a, **k: sp)
-    monkeypatch.setattr(st, "finished_trials", lambda _: {f"{m.preset}@builtin:context": 2 for m in s.methods})
+    monkeypatch.setattr(st, "finished_trials", lambda _: {f"{m.preset}@builtin:context": [None, None] for m in s.methods})
     assert st.make_plan(s).eta_s == pytest.approx(256.0)
 
     path = st.model_dir(s, s.models[0]) / "results.sqlite"
@@ -148,7 +148,28 @@ def test_plan_eta_is_calibrated_on_the_finished_runs(tmp_path, monkeypatch):
     con.close()
     plan = st.make_plan(s)
     assert plan.runs_left == 5 and plan.eta_s == pytest.approx(143.0)
-    assert "calibrated on 3 finished runs (they took 1.40x their estimate)" in "\n".join(plan.lines)  # 177 / 126
+    assert "(calibrated on 3 finished runs, which took 1.40x their estimates)" in "\n".join(plan.lines)  # 177 / 126
+
+
+def test_plan_tuning_eta_is_calibrated_on_the_finished_trials(tmp_path, monkeypatch):
+    """As for runs, with trials: at 1 s/step and 1 pair/s a tiny trial is 2 steps + 2 splits x
+    6 pairs = 14 s. dpo's one finished trial took 28 s (factor 2); hs-none-prefvec has none, so
+    it takes the factor over all finished trials (2). Left: dpo 1 x 14 x 2 + hs 2 x 14 x 2 = 84 s,
+    plus the 8 compare runs, none done: 256 s (above). A finished trial without times counts as
+    done but calibrates nothing. (Uncalibrated: 3 x 14 + 256 = 298 s.)"""
+    from reprpo.experiments import study as st
+
+    s = load_study(TINY, out=tmp_path / "out")
+    sp = st.Speed(s_per_step=1.0, ref_s_per_pair=0.0, overhead_s=0.0, load_s=0.0, pairs_per_s=1.0, gen_s_per_prompt=0.0,
+                  device="cpu", measured_in_s=0.0)
+    monkeypatch.setattr(st, "speed_of", lambda *a, **k: sp)
+    monkeypatch.setattr(st, "finished_trials", lambda _: {"dpo@builtin:context": [28.0]})
+    plan = st.make_plan(s)
+    assert plan.trials_left == 3 and plan.eta_s == pytest.approx(340.0)
+    assert "tuning 0.02 h (calibrated on 1 finished trials, which took 2.00x their estimates)" in "\n".join(plan.lines)
+    monkeypatch.setattr(st, "finished_trials", lambda _: {"dpo@builtin:context": [None]})
+    plan = st.make_plan(s)
+    assert plan.trials_left == 3 and plan.eta_s == pytest.approx(298.0) and "calibrated" not in "\n".join(plan.lines)
 
 
 # -- end to end ------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ also reported, an unknown preset: an error naming the file and the key).
 Phases, each resumable after a kill -9 at any point:
 - plan: every input checked, then an ETA *measured on this machine* (`measure_speed`: a few
   real train steps and the scoring and generation of a few pairs with the study's model and
-  sizes; once runs have finished, scaled per shift by how long they took: `calibrated`),
+  sizes; once runs or trials have finished, scaled by how long they took: `calibrated`),
   refused when over `budget_hours` unless `--yes`;
 - tune: `tune.run_tune` per method on its family's validation shift (optuna SQLite study per
   model: trials already finished are not redone); a candidates group keeps its top k presets
@@ -482,8 +482,9 @@ def tuned_methods(study: Study) -> list[Method]:
     return [m for m in study.methods if m.trials > 0]
 
 
-def finished_trials(storage: Path) -> dict[str, int]:
-    """study name -> finished (complete or pruned) trials in an optuna storage (none if absent)."""
+def finished_trials(storage: Path) -> dict[str, list[float | None]]:
+    """study name -> the wall seconds of each finished (complete or pruned) trial in an optuna
+    storage (None where a time is missing; {} if there is no storage)."""
     if not storage.is_file():
         return {}
     import optuna
@@ -491,7 +492,8 @@ def finished_trials(storage: Path) -> dict[str, int]:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     url = f"sqlite:///{storage}"
     done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-    return {name: sum(t.state in done for t in optuna.load_study(study_name=name, storage=url).trials)
+    wall = lambda t: (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_start and t.datetime_complete else None
+    return {name: [wall(t) for t in optuna.load_study(study_name=name, storage=url).trials if t.state in done]
             for name in optuna.get_all_study_names(url)}
 
 
@@ -510,19 +512,20 @@ def done_runs(store_path: Path) -> dict[tuple[str, str, int], float | None]:
         con.close()
 
 
-def calibrated(planned: list[tuple[str, float, float | None]]) -> tuple[float, str]:
-    """The seconds of the runs left, each run's estimate scaled by how long the finished runs
-    took against their own estimates: per shift (its sequence lengths), else over all finished
-    runs. `planned`: (shift, estimate, wall seconds if finished else None) for every run."""
+def calibrated(planned: list[tuple[str, float, float | None]], *, what: str = "runs") -> tuple[float, str]:
+    """The seconds of the work left, each piece's estimate scaled by how long the finished
+    pieces of its group took against their own estimates (runs: per shift, for its sequence
+    lengths; trials: per tuning study), else by the factor over every finished piece.
+    `planned`: (group, estimate, wall seconds if finished else None) for every piece."""
     took, est = defaultdict(float), defaultdict(float)
-    for shift, e, wall in planned:
+    for group, e, wall in planned:
         if wall is not None:
-            took[shift] += wall
-            est[shift] += e
+            took[group] += wall
+            est[group] += e
     overall = sum(took.values()) / sum(est.values()) if sum(est.values()) > 0 else 1.0
-    left = sum(e * (took[s] / est[s] if est[s] > 0 else overall) for s, e, wall in planned if wall is None)
+    left = sum(e * (took[g] / est[g] if est[g] > 0 else overall) for g, e, wall in planned if wall is None)
     n = sum(wall is not None for _, _, wall in planned)
-    return left, (f"calibrated on {n} finished runs (they took {overall:.2f}x their estimate)" if n else "")
+    return left, (f"calibrated on {n} finished {what}, which took {overall:.2f}x their estimates" if n else "")
 
 
 def compared_labels(study: Study, kept: dict[str, list[str]] | None = None) -> list[tuple[str, str]]:
@@ -572,11 +575,14 @@ def make_plan(study: Study, *, workers: int = 1, log=write) -> Plan:
         sp = speed_of(study, model, log=log)
         mdir = model_dir(study, model)
         fin = finished_trials(mdir / "tune" / "optuna.sqlite")
-        t_s = 0.0
+        planned_t = []
         for m in tuned_methods(study):
-            left = max(0, m.trials - fin.get(f"{m.preset}@{study.validation_of(m)}", 0))
+            name, est = f"{m.preset}@{study.validation_of(m)}", trial_seconds(sp, study.tune_sizes, m.kind)
+            walls = fin.get(name, [])
+            left = max(0, m.trials - len(walls))
             trials_left += left
-            t_s += left * trial_seconds(sp, study.tune_sizes, m.kind)
+            planned_t += [(name, est, w) for w in walls if w is not None] + [(name, est, None)] * left
+        t_s, t_calibration = calibrated(planned_t, what="trials")
         done = done_runs(mdir / "results.sqlite")
         sel = mdir / "tune" / "selection.yaml"
         kept = (yaml.safe_load(sel.read_text()) or {}).get("kept") if sel.is_file() else None  # a resumed study: the chosen ones
@@ -599,7 +605,8 @@ def make_plan(study: Study, *, workers: int = 1, log=write) -> Plan:
         lines.append(f"  {model.name}: measured on this machine ({sp.device}): {sp.s_per_step:.2f} s/step, "
                      f"{sp.pairs_per_s:.2f} pairs/s scored, {sp.gen_s_per_prompt:.1f} s per generation, "
                      f"{sp.load_s + sp.overhead_s:.1f} s load and setup per run (measured in {sp.measured_in_s:.0f} s) "
-                     f"-> tuning {t_s / 3600:.2f} h + compare {c_s / 3600:.2f} h" + (f", {calibration}" if calibration else ""))
+                     f"-> tuning {t_s / 3600:.2f} h" + (f" ({t_calibration})" if t_calibration and trials_left else "")
+                     + f" + compare {c_s / 3600:.2f} h" + (f" ({calibration})" if calibration else ""))
     runs = runs_per_model * len(study.models)
     trials = n_trials * len(study.models)
     lines.append(f"ETA {eta / 3600:.2f} h for {runs_left} of {runs} runs (+ tuning {trials_left} of {trials} trials); "
