@@ -122,10 +122,14 @@ def test_plan_eta_is_calibrated_on_the_finished_runs(tmp_path, monkeypatch):
     """The plan scales each run left by how long the finished runs of its shift took against
     their estimates. A measured speed of 1 s/step, 1 pair/s and nothing else makes a run 2 steps
     + 4 splits x 6 pairs = 26 s, and 50 s for the first run of a shift (the base scored too).
-    Finished: difficulty dpo 1 in 100 s and hs 1 in 52 s (est. 50 + 26: factor 2), encoding
-    dpo 1 in 25 s (est. 50: factor 0.5). Left: difficulty 2 x 26 x 2 = 104 s, encoding
-    3 x 26 x 0.5 = 39 s: 143 s. (Uncalibrated, counting the base where it is already cached:
-    76 + 102 = 178 s.) With no finished run the plan is the measured 2 x (50 + 3 x 26) = 256 s."""
+    Finished here, one after the other: difficulty dpo 1 in 100 s and hs 1 in 52 s (est. 50 + 26:
+    factor 2), encoding dpo 1 in 25 s (est. 50: factor 0.5); encoding hs 1 on another host
+    (done, but its time is another machine's: no calibration point). Left: difficulty
+    2 x 26 x 2 = 104 s, encoding 2 x 26 x 0.5 = 26 s: 130 s. Overall factor 177 / 126 = 1.40.
+    (Uncalibrated, counting the base where it is already cached: 76 + 52 = 128 s.)
+    Then the two difficulty runs again, but run at once by two workers on the same cores, both
+    from 1000 to 1152 s: each gets half of the 152 s, so the factor is 2 again and the ETA 130 s
+    (their full walls would say 304 / 76 = 4: 234 s). With no finished run: 2 x (50 + 3 x 26) = 256 s."""
     from reprpo.experiments import store
     from reprpo.experiments import study as st
 
@@ -139,37 +143,77 @@ def test_plan_eta_is_calibrated_on_the_finished_runs(tmp_path, monkeypatch):
     path = st.model_dir(s, s.models[0]) / "results.sqlite"
     path.parent.mkdir(parents=True)
     con = store.connect(path)
-    for i, (method, shift, took) in enumerate([("dpo", "difficulty", 100.0), ("hs-none-prefvec", "difficulty", 52.0),
-                                               ("dpo", "encoding", 25.0)]):
+    here = store.owner_id()
+    runs = [("dpo", "difficulty", 1000, 1100, here), ("hs-none-prefvec", "difficulty", 1100, 1152, here),
+            ("dpo", "encoding", 1152, 1177, here), ("hs-none-prefvec", "encoding", 0, 9000, "elsewhere:1:1")]
+    for i, (method, shift, start, end, owner) in enumerate(runs):
         store.claim_run(con, run_id=f"r{i}", method=method, shift=f"builtin:{shift}", seed=1, config_json="{}", out_dir="x",
-                        owner="t")
-        con.execute("UPDATE runs SET status = 'done', created = 1000, finished = ? WHERE run_id = ?", (1000 + took, f"r{i}"))
+                        owner=owner)
+        con.execute("UPDATE runs SET status = 'done', created = ?, finished = ? WHERE run_id = ?", (start, end, f"r{i}"))
         con.commit()
-    con.close()
     plan = st.make_plan(s)
-    assert plan.runs_left == 5 and plan.eta_s == pytest.approx(143.0)
-    assert "(calibrated on 3 finished runs, which took 1.40x their estimates)" in "\n".join(plan.lines)  # 177 / 126
+    assert plan.runs_left == 4 and plan.eta_s == pytest.approx(130.0)
+    assert "(calibrated on 3 finished runs, which took 1.40x their estimates)" in "\n".join(plan.lines)
+    con.execute("UPDATE runs SET created = 1000, finished = 1152 WHERE run_id IN ('r0', 'r1')")
+    con.commit()
+    con.close()
+    assert st.make_plan(s).eta_s == pytest.approx(130.0)
+
+
+def test_shared_seconds_split_overlaps():
+    """Spans a [0, 10] and b [5, 15], c alone [20, 23], d unknown: a gets 5 + 5/2 = 7.5, b 7.5,
+    c 3, d None; the shares sum to the union, 18."""
+    from reprpo.experiments.study import shared_seconds
+
+    assert shared_seconds({"a": (0, 10), "b": (5, 15), "c": (20, 23), "d": None}) == {"a": 7.5, "b": 7.5, "c": 3.0, "d": None}
 
 
 def test_plan_tuning_eta_is_calibrated_on_the_finished_trials(tmp_path, monkeypatch):
     """As for runs, with trials: at 1 s/step and 1 pair/s a tiny trial is 2 steps + 2 splits x
-    6 pairs = 14 s. dpo's one finished trial took 28 s (factor 2); hs-none-prefvec has none, so
-    it takes the factor over all finished trials (2). Left: dpo 1 x 14 x 2 + hs 2 x 14 x 2 = 84 s,
-    plus the 8 compare runs, none done: 256 s (above). A finished trial without times counts as
-    done but calibrates nothing. (Uncalibrated: 3 x 14 + 256 = 298 s.)"""
+    6 pairs = 14 s, plus the 8 compare runs, none done: 256 s (above).
+    - dpo's one finished trial took 28 s (factor 2); hs-none-prefvec has none, so it takes the
+      factor over all finished trials (2). Left: dpo 1 x 14 x 2 + hs 2 x 14 x 2 = 84 s: 340 s.
+    - dpo's two trials took 28 s each (factor 2, none left), hs's one 7 s (factor 0.5): left hs
+      1 x 14 x 0.5 = 7 s: 263 s (the overall factor 63 / 42 = 1.5 would say 21 s).
+    - A finished trial without times (or from another host) counts as done but calibrates
+      nothing: 3 x 14 + 256 = 298 s."""
     from reprpo.experiments import study as st
 
     s = load_study(TINY, out=tmp_path / "out")
     sp = st.Speed(s_per_step=1.0, ref_s_per_pair=0.0, overhead_s=0.0, load_s=0.0, pairs_per_s=1.0, gen_s_per_prompt=0.0,
                   device="cpu", measured_in_s=0.0)
     monkeypatch.setattr(st, "speed_of", lambda *a, **k: sp)
-    monkeypatch.setattr(st, "finished_trials", lambda _: {"dpo@builtin:context": [28.0]})
+    monkeypatch.setattr(st, "finished_trials", lambda _: {"dpo@builtin:context": [(0.0, 28.0)]})
     plan = st.make_plan(s)
     assert plan.trials_left == 3 and plan.eta_s == pytest.approx(340.0)
     assert "tuning 0.02 h (calibrated on 1 finished trials, which took 2.00x their estimates)" in "\n".join(plan.lines)
+    monkeypatch.setattr(st, "finished_trials", lambda _: {"dpo@builtin:context": [(0.0, 28.0), (28.0, 56.0)],
+                                                          "hs-none-prefvec@builtin:context": [(56.0, 63.0)]})
+    plan = st.make_plan(s)
+    assert plan.trials_left == 1 and plan.eta_s == pytest.approx(263.0)
     monkeypatch.setattr(st, "finished_trials", lambda _: {"dpo@builtin:context": [None]})
     plan = st.make_plan(s)
     assert plan.trials_left == 3 and plan.eta_s == pytest.approx(298.0) and "calibrated" not in "\n".join(plan.lines)
+
+
+def test_finished_trials_keeps_this_hosts_times_only(tmp_path):
+    """Trial 0 ran here (user attr host = this host) from t to t + 30 s; trial 1 carries another
+    host (an imported archive's), trial 2 none (from before hosts were recorded): both None."""
+    import datetime
+    import socket
+
+    from reprpo.experiments.study import finished_trials
+
+    url = f"sqlite:///{tmp_path / 'optuna.sqlite'}"
+    study = optuna.create_study(study_name="dpo@x", storage=url)
+    t0 = datetime.datetime(2026, 12, 3, 12, 0, 0)
+    for host in (socket.gethostname(), "elsewhere", None):
+        study.add_trial(optuna.trial.FrozenTrial(
+            number=0, state=optuna.trial.TrialState.COMPLETE, value=1.0, datetime_start=t0,
+            datetime_complete=t0 + datetime.timedelta(seconds=30), params={}, distributions={},
+            user_attrs={} if host is None else {"host": host}, system_attrs={}, intermediate_values={}, trial_id=0))
+    (span, other, old), = finished_trials(tmp_path / "optuna.sqlite").values()
+    assert span[1] - span[0] == pytest.approx(30.0) and other is None and old is None
 
 
 # -- end to end ------------------------------------------------------------------------------

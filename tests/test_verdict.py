@@ -299,15 +299,18 @@ def test_render_verdict_writes_markdown_plots_and_csv(store, tmp_path):
 def test_accuracies_per_shift_are_the_mean_over_seeds_with_their_range(tmp_path):
     """The accuracy (%) of the base, the reference, each method and the target-tuned run, per
     shift and split, mean over seeds (min–max when the seeds differ). The hand-made store, with
-    dpo's seed-2 oos accuracy on sA set to 0.6: sA oos base 50 (2 seeds), dpo (50 + 60)/2 = 55
-    (50–60), good 100, worse 25; sB worse has 1 seed (its seed 2 failed); target:dpo 80 on oos
-    and nothing on test; test: base 50, every adapter 100."""
+    dpo's seed-2 oos accuracy on sA set to 0.6 and the base's sA seed-2 oos accuracy set to 0.7
+    in every run but the target-tuned one: sA oos base (50 + 70)/2 = 60 (50–70), dpo
+    (50 + 60)/2 = 55 (50–60), good 100, worse 25; sB worse has 1 seed (its seed 2 failed);
+    target:dpo 80 on oos and nothing on test; test: base 50, every adapter 100."""
     from reprpo.experiments.verdict import render_verdict
 
     p = tmp_path / "results.sqlite"
     build_store(p)
     con = sqlite3.connect(p)
     con.execute("UPDATE split_scores SET accuracy = 0.6 WHERE run_id = 'dpo|sA|2' AND split = 'oos' AND model = 'adapter'")
+    con.execute("UPDATE split_scores SET accuracy = 0.7 WHERE run_id LIKE '%|sA|2' AND run_id NOT LIKE 'target%' "
+                "AND split = 'oos' AND model = 'base'")
     con.commit()
     con.close()
     md = render_verdict(p, tmp_path / "v", n_boot=50)
@@ -315,12 +318,12 @@ def test_accuracies_per_shift_are_the_mean_over_seeds_with_their_range(tmp_path)
 
     a = pd.read_csv(tmp_path / "v" / "csv" / "accuracies.csv").set_index(["shift", "model", "split"])
     got = lambda *k: tuple(a.loc[k, ["seeds", "acc", "acc_min", "acc_max"]])
-    assert got("sA", "dpo", "oos") == (2, 55.0, 50.0, 60.0) and got("sA", "base", "oos") == (2, 50.0, 50.0, 50.0)
+    assert got("sA", "dpo", "oos") == (2, 55.0, 50.0, 60.0) and got("sA", "base", "oos") == (2, 60.0, 50.0, 70.0)
     assert got("sA", "good", "oos") == (2, 100.0, 100.0, 100.0) and got("sA", "worse", "oos") == (2, 25.0, 25.0, 25.0)
     assert got("sB", "worse", "oos") == (1, 25.0, 25.0, 25.0) and got("sA", "target:dpo", "oos") == (2, 80.0, 80.0, 80.0)
     assert ("sA", "target:dpo", "test") not in a.index and got("sB", "base", "test") == (2, 50.0, 50.0, 50.0)
     sa = md[md.index("## Shift `sA`"):md.index("## Shift `sB`")]
-    for row in ("| model | seeds | test | oos |", "| base | 2 | 50 | 50 |", "| dpo | 2 | 100 | 55 (50–60) |",
+    for row in ("| model | seeds | test | oos |", "| base | 2 | 50 | 60 (50–70) |", "| dpo | 2 | 100 | 55 (50–60) |",
                 "| worse | 2 | 100 | 25 |", "| target:dpo | 2 | — | 80 |"):
         assert row in sa, row
     assert sa.index("| base | 2 |") < sa.index("| dpo | 2 | 100 |") < sa.index("| good | 2 | 100 |") < sa.index("| target:dpo |")

@@ -482,9 +482,10 @@ def tuned_methods(study: Study) -> list[Method]:
     return [m for m in study.methods if m.trials > 0]
 
 
-def finished_trials(storage: Path) -> dict[str, list[float | None]]:
-    """study name -> the wall seconds of each finished (complete or pruned) trial in an optuna
-    storage (None where a time is missing; {} if there is no storage)."""
+def finished_trials(storage: Path) -> dict[str, list[tuple[float, float] | None]]:
+    """study name -> (start, end) unix times of each finished (complete or pruned) trial in an
+    optuna storage; None for a trial run on another host (an imported archive: its times are of
+    another machine) or without times. {} if there is no storage."""
     if not storage.is_file():
         return {}
     import optuna
@@ -492,31 +493,54 @@ def finished_trials(storage: Path) -> dict[str, list[float | None]]:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     url = f"sqlite:///{storage}"
     done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-    wall = lambda t: (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_start and t.datetime_complete else None
-    return {name: [wall(t) for t in optuna.load_study(study_name=name, storage=url).trials if t.state in done]
+    host = socket.gethostname()
+
+    def span(t):
+        a, b = t.datetime_start, t.datetime_complete
+        ok = a is not None and b is not None and b > a and t.user_attrs.get("host") == host
+        return (a.timestamp(), b.timestamp()) if ok else None
+
+    return {name: [span(t) for t in optuna.load_study(study_name=name, storage=url).trials if t.state in done]
             for name in optuna.get_all_study_names(url)}
 
 
-def done_runs(store_path: Path) -> dict[tuple[str, str, int], float | None]:
-    """(method, shift, seed) of the store's finished runs -> their wall seconds, claim to finish
-    (None where a time is missing)."""
+def done_runs(store_path: Path) -> dict[tuple[str, str, int], tuple[float, float] | None]:
+    """(method, shift, seed) of the store's finished runs -> (claim, finish) unix times; None for
+    a run computed on another host (`runs.owner` is host:pid:start; an imported archive) or
+    without times."""
     if not store_path.is_file():
         return {}
     from reprpo.experiments import store
 
+    host = socket.gethostname()
     con = store.connect(store_path)
     try:
-        rows = con.execute("SELECT method, shift, seed, created, finished FROM runs WHERE status = 'done'")
-        return {(m, s, int(seed)): (f - c if c is not None and f is not None and f >= c else None) for m, s, seed, c, f in rows}
+        rows = con.execute("SELECT method, shift, seed, created, finished, owner FROM runs WHERE status = 'done'")
+        return {(m, s, int(seed)): ((c, f) if c is not None and f is not None and f > c and (o or "").split(":")[0] == host else None)
+                for m, s, seed, c, f, o in rows}
     finally:
         con.close()
+
+
+def shared_seconds(spans: dict) -> dict:
+    """key -> its share of the time it ran: at every moment 1/(spans running then), so a span
+    alone gets its length and two at once share the overlap (parallel workers on shared cores
+    are not counted twice); the shares sum to the length of the union. None spans stay None."""
+    known = {k: v for k, v in spans.items() if v is not None}
+    out = dict.fromkeys(spans) | dict.fromkeys(known, 0.0)
+    points = sorted({t for v in known.values() for t in v})
+    for a, b in zip(points, points[1:]):
+        live = [k for k, (c, f) in known.items() if c <= a and f >= b]
+        for k in live:
+            out[k] += (b - a) / len(live)
+    return out
 
 
 def calibrated(planned: list[tuple[str, float, float | None]], *, what: str = "runs") -> tuple[float, str]:
     """The seconds of the work left, each piece's estimate scaled by how long the finished
     pieces of its group took against their own estimates (runs: per shift, for its sequence
     lengths; trials: per tuning study), else by the factor over every finished piece.
-    `planned`: (group, estimate, wall seconds if finished else None) for every piece."""
+    `planned`: (group, estimate, seconds it took if finished, else None) for every piece."""
     took, est = defaultdict(float), defaultdict(float)
     for group, e, wall in planned:
         if wall is not None:
@@ -575,15 +599,16 @@ def make_plan(study: Study, *, workers: int = 1, log=write) -> Plan:
         sp = speed_of(study, model, log=log)
         mdir = model_dir(study, model)
         fin = finished_trials(mdir / "tune" / "optuna.sqlite")
+        took_t = shared_seconds({(name, i): sp_ for name, spans in fin.items() for i, sp_ in enumerate(spans)})
         planned_t = []
         for m in tuned_methods(study):
             name, est = f"{m.preset}@{study.validation_of(m)}", trial_seconds(sp, study.tune_sizes, m.kind)
-            walls = fin.get(name, [])
+            walls = [w for (nm, _), w in took_t.items() if nm == name]
             left = max(0, m.trials - len(walls))
             trials_left += left
             planned_t += [(name, est, w) for w in walls if w is not None] + [(name, est, None)] * left
         t_s, t_calibration = calibrated(planned_t, what="trials")
-        done = done_runs(mdir / "results.sqlite")
+        done = shared_seconds(done_runs(mdir / "results.sqlite"))  # a finished run's share of the time it ran
         sel = mdir / "tune" / "selection.yaml"
         kept = (yaml.safe_load(sel.read_text()) or {}).get("kept") if sel.is_file() else None  # a resumed study: the chosen ones
         planned, based = [], set()  # the first run of a shift scores the base too (cached for the rest)
@@ -592,7 +617,7 @@ def make_plan(study: Study, *, workers: int = 1, log=write) -> Plan:
                 for seed in study.seeds:
                     key = (label, s, seed)
                     wall = done.get(key) if key in done else None
-                    if key in done and wall is None:  # finished, time unknown: neither left nor a calibration point
+                    if key in done and wall is None:  # finished elsewhere or without times: neither left nor a calibration point
                         based.add(s)
                         continue
                     runs_left += key not in done
@@ -600,13 +625,14 @@ def make_plan(study: Study, *, workers: int = 1, log=write) -> Plan:
                     based.add(s)
         c_s, calibration = calibrated(planned)
         par = min(workers, gpus) if sp.device == "cuda" and gpus else 1
-        c_s /= max(1, par)
+        if not calibration:  # calibrated: the finished runs' shares already hold their parallelism
+            c_s /= max(1, par)
         eta += t_s + c_s
         lines.append(f"  {model.name}: measured on this machine ({sp.device}): {sp.s_per_step:.2f} s/step, "
                      f"{sp.pairs_per_s:.2f} pairs/s scored, {sp.gen_s_per_prompt:.1f} s per generation, "
                      f"{sp.load_s + sp.overhead_s:.1f} s load and setup per run (measured in {sp.measured_in_s:.0f} s) "
                      f"-> tuning {t_s / 3600:.2f} h" + (f" ({t_calibration})" if t_calibration and trials_left else "")
-                     + f" + compare {c_s / 3600:.2f} h" + (f" ({calibration})" if calibration else ""))
+                     + f" + compare {c_s / 3600:.2f} h" + (f" ({calibration})" if calibration and runs_left else ""))
     runs = runs_per_model * len(study.models)
     trials = n_trials * len(study.models)
     lines.append(f"ETA {eta / 3600:.2f} h for {runs_left} of {runs} runs (+ tuning {trials_left} of {trials} trials); "

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import re
 import shutil
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -203,6 +204,7 @@ def run_tune(method: str, *, shift: str, trials: int, base: dict[str, Any] | Non
     scorer = _Scorer()
 
     def objective(trial) -> float:
+        trial.set_user_attr("host", socket.gethostname())  # a study's plan times only this host's trials
         params = suggest(trial, space)
         tdir = out / "trials" / re.sub(r"[^A-Za-z0-9_.-]+", "_", study_name) / f"trial-{trial.number:04d}"
         cfg = trial_config(method, base, params, out=tdir)

@@ -273,15 +273,16 @@ def verdict_tables(store_path: str | Path, *, reference: str = "dpo", level: flo
 
 def accuracy_table(rt: pd.DataFrame, targets: pd.DataFrame, *, shifts: list[str], models: list[str]) -> pd.DataFrame:
     """Accuracy (%) per (shift, model, split) over seeds: seeds, acc (the mean), acc_min, acc_max.
-    model: "base" (per seed the mean over that seed's runs, which share the base in a compare
-    grid), each of `models` (its adapter), then each target-tuned label (oos only)."""
+    model: "base" (per seed the mean over the runs of `models` at that seed, which share the base
+    in a compare grid), each of `models` (its adapter), then each target-tuned label (oos only).
+    A seed without a score is not counted."""
     cols = ["shift", "model", "split", "seeds", "acc", "acc_min", "acc_max"]
-    rt = rt[rt["shift"].isin(shifts)]
+    rt = rt[rt["shift"].isin(shifts) & rt.method.isin(models)]
     per_seed = [rt.dropna(subset=["base_acc"]).groupby(["shift", "split", "seed"]).base_acc.mean().rename("a").reset_index().assign(model="base")]
     for m in models:
         sel = rt[(rt.method == m)].dropna(subset=["adapter_acc"])
         per_seed.append(sel.groupby(["shift", "split", "seed"]).adapter_acc.mean().rename("a").reset_index().assign(model=m))
-    tg = targets[targets["shift"].isin(shifts)]
+    tg = targets[targets["shift"].isin(shifts)].dropna(subset=["acc"])
     for label in dict.fromkeys(tg.method):
         sel = tg[tg.method == label]
         per_seed.append(sel.groupby(["shift", "seed"]).acc.mean().rename("a").reset_index().assign(model=label, split="oos"))
